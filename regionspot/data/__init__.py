@@ -1,0 +1,1 @@
+"""Dataset readers (-> ImageRecord), proposals files and the procedural toy dataset."""

@@ -1,0 +1,1 @@
+"""The evaluation stage: score cached regions, write detections, compute LVIS / COCO metrics."""

@@ -1,0 +1,94 @@
+"""One sample per image: the fields, dtypes and shapes every storage writes and every reader returns.
+
+This module is the only place that knows field names, file extensions and stored dtypes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT = "regionspot-shards"
+SCHEMA_VERSION = 1
+SAM_DIM = 256
+
+META_FIELDS = ("key", "image_id", "file_name", "width", "height")
+# name -> (stored dtype, number of dimensions)
+ARRAY_FIELDS: dict[str, tuple[np.dtype, int]] = {
+    "boxes": (np.dtype(np.float32), 2),  # [N, 4] XYXY, pixels of the original image
+    "labels": (np.dtype(np.int32), 1),  # [N] index into the manifest vocabulary; -1 = unknown
+    "scores": (np.dtype(np.float32), 1),  # [N] proposal confidence; 1.0 for annotations
+    "sam_tokens": (np.dtype(np.float16), 3),  # [N, T, 256] position-aware tokens
+    "sam_iou": (np.dtype(np.float16), 2),  # [N, T] SAM's predicted IoU per token
+    "clip_map": (np.dtype(np.float16), 2),  # [L, C] CLIP token map, class token first
+}
+REGION_FIELDS = ("boxes", "labels", "scores", "sam_tokens", "sam_iou")
+
+
+@dataclass
+class Sample:
+    """One image's cached features. `masks`, when extracted, is one COCO RLE dict per region
+    (`{"size": [h, w], "counts": str}`)."""
+
+    key: str
+    image_id: int | str
+    file_name: str
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    sam_tokens: np.ndarray
+    sam_iou: np.ndarray
+    clip_map: np.ndarray
+    masks: list[dict] | None = None
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def meta(self) -> dict:
+        meta = {name: getattr(self, name) for name in META_FIELDS}
+        if self.masks is not None:
+            meta["masks"] = self.masks
+        return meta
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in ARRAY_FIELDS}
+
+    def problems(self) -> list[str]:
+        """Every way this sample breaks the schema, as short phrases (empty when valid)."""
+        out = []
+        if "." in str(self.key) or not str(self.key):
+            out.append(f"key {self.key!r} is empty or contains '.'")
+        n = None
+        for name, (dtype, ndim) in ARRAY_FIELDS.items():
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray):
+                out.append(f"{name} is not an array")
+                continue
+            if a.dtype != dtype or a.ndim != ndim:
+                out.append(f"{name} is {a.dtype}[{a.ndim}d], expected {dtype}[{ndim}d]")
+            if name in REGION_FIELDS:
+                n = a.shape[0] if n is None else n
+                if a.shape[0] != n:
+                    out.append(f"{name} has {a.shape[0]} rows, expected {n}")
+        if isinstance(self.boxes, np.ndarray) and self.boxes.ndim == 2 and self.boxes.shape[1] != 4:
+            out.append(f"boxes have {self.boxes.shape[1]} columns, expected 4")
+        t = self.sam_tokens
+        if isinstance(t, np.ndarray) and t.ndim == 3 and t.shape[2] != SAM_DIM:
+            out.append(f"sam_tokens width is {t.shape[2]}, expected {SAM_DIM}")
+        if self.masks is not None and n is not None and len(self.masks) != n:
+            out.append(f"{len(self.masks)} masks for {n} regions")
+        return out
+
+
+def shard_name(index: int, storage: str) -> str:
+    """`shard-000012.tar` or `shard-000012.zarr`."""
+    return f"shard-{index:06d}.{'tar' if storage == 'wds' else 'zarr'}"
+
+
+def record_name(index: int) -> str:
+    """The per-shard completion record written beside a finished shard."""
+    return f"shard-{index:06d}.json"

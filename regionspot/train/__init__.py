@@ -1,0 +1,1 @@
+"""The training stage: fit the fusion head from shards. Never imports the backbones."""
