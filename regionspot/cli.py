@@ -27,6 +27,48 @@ app.add_typer(shards_app, name="shards")
 
 
 # --- extract ---
+@app.command()
+def extract(
+    dataset: Annotated[str, typer.Option(help="Dataset name (o365, v3det, openimages, lvis_val, coco, toy, toy_val), "
+                                         "coco:ANN.json:IMAGES or openimages:BOXES.csv:CLASSES.csv:IMAGES.")] = "toy",
+    data_root: Annotated[Optional[Path], typer.Option(help="Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Shard set directory (default: shards/DATASET).")] = None,
+    backbones: Annotated[str, typer.Option(help="Backbone preset: bb, bl, bl336 or tiny.")] = "bl",
+    sam: Annotated[Optional[str], typer.Option(help="SAM variant: vit_b, vit_l, vit_h (overrides the preset).")] = None,
+    sam_checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights file, e.g. sam_vit_b_01ec64.pth.")] = None,
+    clip: Annotated[Optional[str], typer.Option(help="open_clip model name, e.g. ViT-L-14-quickgelu.")] = None,
+    clip_pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (openai) or a weights file.")] = None,
+    clip_size: Annotated[Optional[int], typer.Option(help="CLIP input size S (the image is resized to S x S).")] = None,
+    sam_tokens: Annotated[Optional[int], typer.Option(help="1: the single-mask token (paper); 3: the multimask tokens.")] = None,
+    masks: Annotated[bool, typer.Option(help="Also store SAM's mask per region (COCO RLE).")] = False,
+    storage: Annotated[str, typer.Option(help="Shard storage: wds (tar) or zarr.")] = "wds",
+    shard_size: Annotated[int, typer.Option(help="Images per shard: the unit of resume and distribution.")] = 1000,
+    proposals: Annotated[Optional[str], typer.Option(help="'gt' (annotations) or a detector's boxes: COCO results JSON or the official RegionSpot dict.")] = "gt",
+    gpus: Annotated[Optional[int], typer.Option(help="Processes, one per GPU (default: all visible; 0 = CPU).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="GPU: decoding workers per GPU (8). CPU: extraction processes (1).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    limit: Annotated[Optional[int], typer.Option(help="Extract only the first N images (by key).")] = None,
+    max_boxes: Annotated[Optional[int], typer.Option(help="Keep an image's N best proposals (annotations: the N largest).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace shards of a different run in --out.")] = False,
+) -> None:
+    """Run frozen SAM + CLIP once over a dataset and cache their outputs in shards.
+
+    Resumable: re-running the same command skips finished shards. Launched by torchrun or SLURM,
+    each process extracts its rank's shards.
+    """
+    from regionspot.extract.config import ExtractConfig
+    from regionspot.extract.runner import run_extract
+
+    cfg = ExtractConfig(
+        dataset=dataset, data_root=data_root, out=out, backbones=backbones, sam=sam, sam_checkpoint=sam_checkpoint,
+        clip=clip, clip_pretrained=clip_pretrained, clip_size=clip_size, sam_tokens=sam_tokens, masks=masks,
+        storage=storage, shard_size=shard_size, proposals=None if proposals in (None, "gt") else Path(proposals),
+        gpus=gpus, workers=workers, batch_size=batch_size, limit=limit, max_boxes=max_boxes, overwrite=overwrite,
+    )
+    path = run_extract(cfg)
+    typer.echo(f"shards: {path}")
+
+
 # --- end extract ---
 
 # --- shards ---

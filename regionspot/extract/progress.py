@@ -1,0 +1,55 @@
+"""Progress of one extraction process: a bar with images/s, regions/s and ETA, and the time split."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+log = logging.getLogger("regionspot.extract")
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if elapsed <= 0:
+            return Text("")
+        images, regions = task.completed / elapsed, task.fields.get("regions", 0) / elapsed
+        return Text(f"{images:.1f} img/s  {regions:.0f} regions/s", style="cyan")
+
+
+class ExtractProgress:
+    def __init__(self, images: int, regions: int, show: bool):
+        self.images, self.regions, self.show = images, regions, show
+        self.done_regions = 0
+        self.started = time.perf_counter()
+        self._progress = Progress(
+            TextColumn("extract"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
+            console=Console(stderr=True), disable=not show,
+        )
+        self._task = self._progress.add_task("extract", total=images, regions=0)
+
+    def __enter__(self):
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._progress.__exit__(*exc)
+
+    def advance(self, images: int, regions: int) -> None:
+        self.done_regions += regions
+        self._progress.update(self._task, advance=images, regions=self.done_regions)
+
+    def report(self, seconds: dict[str, float], rank: int = 0) -> str:
+        """Log (and return) where the time went."""
+        wall = time.perf_counter() - self.started
+        parts = ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
+        line = (f"rank {rank}: {self.images} images, {self.done_regions} regions in {wall:.1f}s "
+                f"({self.images / max(wall, 1e-9):.2f} img/s); time split: {parts}")
+        if self.show:
+            Console(stderr=True).print(line)
+        log.info(line)
+        return line

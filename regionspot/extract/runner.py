@@ -1,0 +1,212 @@
+"""`run_extract`: one extraction run — plan, partition, extract this process's shards, write the manifest.
+
+How to read what it writes: `regionspot.shards.ShardSet(out)` (see DESIGN.md §4). The run's identity
+goes to `identity.json` first; every finished shard leaves `shard-NNNNNN.json`; `manifest.json` and
+`text_embeddings.npy` appear once every shard is done, written by whichever process finishes last
+(or by a re-run of the same command).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from regionspot.data.datasets import open_dataset
+from regionspot.data.proposals import cap_boxes, load_proposals
+from regionspot.data.records import ImageRecord
+from regionspot.errors import RegionSpotError
+from regionspot.extract.config import ExtractConfig
+from regionspot.extract.loop import count_regions, extract_shards
+from regionspot.extract.partition import Partition, launcher_partition, num_shards, shards_of
+from regionspot.extract.progress import ExtractProgress
+from regionspot.extract.sink import ShardSink
+from regionspot.models.presets import load_backbones, resolve_backbones
+from regionspot.shards.manifest import MANIFEST, build_manifest, write_json_atomic
+from regionspot.shards.schema import record_name, shard_name
+
+log = logging.getLogger("regionspot.extract")
+IDENTITY = "identity.json"
+TEXT_EMBEDDINGS = "text_embeddings.npy"
+
+
+@dataclass
+class Plan:
+    """What a run extracts, the same in every process of the run."""
+
+    cfg: ExtractConfig
+    out: Path
+    spec: object  # models.presets.BackboneSpec
+    records: list[ImageRecord]
+    vocabulary: list  # data.records.Category
+    dataset: dict
+    proposals: dict
+
+    @property
+    def total_shards(self) -> int:
+        return num_shards(len(self.records), self.cfg.shard_size)
+
+
+def make_plan(cfg: ExtractConfig) -> Plan:
+    """Check every option and read the annotations; no model is loaded."""
+    cfg.check()
+    spec = resolve_backbones(
+        cfg.backbones, sam=cfg.sam, sam_checkpoint=cfg.sam_checkpoint, clip=cfg.clip,
+        clip_pretrained=cfg.clip_pretrained, clip_size=cfg.clip_size, sam_tokens=cfg.sam_tokens,
+    )
+    reader = open_dataset(cfg.dataset, cfg.data_root)
+    records = reader.records()
+    if cfg.proposals is not None:
+        proposals = load_proposals(cfg.proposals, reader)
+        records = proposals.apply(records, max_boxes=cfg.max_boxes)
+        proposals_info = {"source": str(cfg.proposals), "sha256": proposals.sha256, "stats": proposals.stats}
+    else:
+        if cfg.max_boxes is not None:
+            records = [cap_boxes(r, cfg.max_boxes) for r in records]
+        proposals_info = {"source": "gt"}
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    if not records:
+        raise RegionSpotError(f"dataset {cfg.dataset!r} has no images to extract")
+    dataset = {"name": reader.name, "sources": reader.sources, "stats": dict(reader.stats)}
+    return Plan(cfg, cfg.output_dir(), spec, records, reader.vocabulary, dataset, proposals_info)
+
+
+def identity(plan: Plan, backbones_info: dict) -> dict:
+    """What makes two runs the same run: a directory holds the shards of one identity only."""
+    cfg = plan.cfg
+    return {
+        "dataset": {"name": plan.dataset["name"], "sources": plan.dataset["sources"]},
+        "proposals": {k: v for k, v in plan.proposals.items() if k != "stats"},
+        "backbones": backbones_info,
+        "run": {"shard_size": cfg.shard_size, "limit": cfg.limit, "max_boxes": cfg.max_boxes, "masks": cfg.masks},
+        "storage": cfg.storage,
+    }
+
+
+def claim(out: Path, ident: dict) -> None:
+    """Record the identity in a new directory, or check that an existing one holds the same run."""
+    path = out / IDENTITY
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != ident:
+            differs = sorted(k for k in set(stored) | set(ident) if stored.get(k) != ident.get(k))
+            raise RegionSpotError(
+                f"{out} holds shards of a different run ({', '.join(differs)} differ); "
+                "pass --overwrite to replace them, or --out to write elsewhere"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, ident)
+
+
+def clear(out: Path) -> None:
+    """--overwrite: remove what an earlier run left in `out` (only regionspot's own files)."""
+    if not out.exists():
+        return
+    for p in out.iterdir():
+        if p.name in (IDENTITY, MANIFEST, TEXT_EMBEDDINGS) or p.name.startswith(("shard-", ".shard-")):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def is_complete(out: Path, index: int, storage: str) -> bool:
+    return (out / record_name(index)).exists() and (out / shard_name(index, storage)).exists()
+
+
+def run_extract(cfg: ExtractConfig) -> Path:
+    """Extract `cfg.dataset` into a shard set and return its directory.
+
+    Launched by torchrun or SLURM, this process extracts its rank's shards; otherwise the run
+    starts one process per GPU (`--gpus`) or `--workers` CPU processes, and waits for them.
+    """
+    plan = make_plan(cfg)
+    partition = launcher_partition()
+    if partition is not None:
+        if cfg.overwrite and partition.rank == 0:
+            clear(plan.out)
+        _extract_partition(plan, partition, show_progress=partition.rank == 0)
+        return plan.out
+    if cfg.overwrite:
+        clear(plan.out)
+    gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
+    world = gpus if gpus > 0 else (cfg.workers or 1)
+    if world == 1:
+        _extract_partition(plan, Partition(0, 1, external=False), show_progress=True)
+    else:
+        torch.multiprocessing.spawn(_spawned, args=(world, cfg), nprocs=world, join=True)
+        _finish(plan)
+    if not (plan.out / MANIFEST).exists():
+        raise RegionSpotError(f"extraction into {plan.out} did not finish every shard; run the same command again")
+    return plan.out
+
+
+def _spawned(rank: int, world: int, cfg: ExtractConfig) -> None:
+    _extract_partition(make_plan(cfg), Partition(rank, world, external=False), show_progress=rank == 0)
+
+
+def _device(plan: Plan, partition: Partition) -> torch.device:
+    gpus = torch.cuda.device_count() if plan.cfg.gpus is None else plan.cfg.gpus
+    if gpus == 0 or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", partition.rank if not partition.external else 0))
+    return torch.device("cuda", local % torch.cuda.device_count())
+
+
+def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) -> None:
+    cfg, out = plan.cfg, plan.out
+    device = _device(plan, partition)
+    if device.type == "cpu" and partition.world > 1 and not partition.external:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // partition.world))
+    backbones = load_backbones(plan.spec, device=device)
+    claim(out, identity(plan, backbones.info()))
+    todo = [i for i in shards_of(partition, plan.total_shards) if not is_complete(out, i, cfg.storage)]
+    if todo:
+        workers = (cfg.workers if cfg.workers is not None else 8) if device.type == "cuda" else 0
+        positions = [p for i in todo for p in range(i * cfg.shard_size, min((i + 1) * cfg.shard_size, len(plan.records)))]
+        progress = ExtractProgress(len(positions), count_regions([plan.records[p] for p in positions]), show_progress)
+        sink = ShardSink(out, cfg.storage)
+        with progress:
+            try:
+                seconds = extract_shards(
+                    plan.records, todo, cfg.shard_size, backbones, sink, batch_size=cfg.batch_size,
+                    num_workers=workers, masks=cfg.masks, device=device, on_batch=progress.advance,
+                )
+            finally:
+                sink.close()
+        seconds["write (sink thread, overlapped)"] = sink.busy_seconds
+        progress.report(seconds, rank=partition.rank)
+    _finish(plan, backbones)
+
+
+def _finish(plan: Plan, backbones=None) -> None:
+    """Write text embeddings and the manifest once every shard of the run has its record."""
+    out, cfg = plan.out, plan.cfg
+    records = []
+    for i in range(plan.total_shards):
+        if not is_complete(out, i, cfg.storage):
+            return
+        records.append(json.loads((out / record_name(i)).read_text()))
+    if (out / MANIFEST).exists():
+        return
+    ident = json.loads((out / IDENTITY).read_text())
+    if not (out / TEXT_EMBEDDINGS).exists():
+        if backbones is None:
+            backbones = load_backbones(plan.spec, device=torch.device("cpu"))
+        names = [c.name for c in plan.vocabulary]
+        text = np.asarray(torch.as_tensor(backbones.clip.text_embeddings(names)).float().cpu(), np.float32)
+        tmp = out / f".{TEXT_EMBEDDINGS}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, text, allow_pickle=False)
+        os.replace(tmp, out / TEXT_EMBEDDINGS)
+    manifest = build_manifest(
+        ident, records, [c.to_json() for c in plan.vocabulary],
+        {"dataset_stats": plan.dataset["stats"], "proposals": plan.proposals},
+    )
+    write_json_atomic(out / MANIFEST, manifest)
+    log.info("wrote %s", out / MANIFEST)
