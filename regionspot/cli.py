@@ -81,6 +81,44 @@ def extract(
 # --- end eval ---
 
 # --- predict ---
+@app.command()
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.", show_default=False)],
+    vocab: Annotated[str | None, typer.Option(help='Class names, comma-separated: "cat,dog,sofa".')] = None,
+    vocab_file: Annotated[Path | None, typer.Option(help="A file with one class name per line.")] = None,
+    boxes: Annotated[str | None, typer.Option(help='Boxes for every image: "x0,y0,x1,y1;x0,y0,x1,y1" (pixels).')] = None,
+    boxes_file: Annotated[Path | None, typer.Option(help="Boxes per image: a COCO results list or the official RegionSpot dict; image_id = the file stem.")] = None,
+    points: Annotated[str | None, typer.Option(help='Clicks for every image: "x,y;x,y" (one region each). No boxes or points: SAM finds the regions.')] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory, head.safetensors or official RegionSpot .pth.")] = None,
+    backbones: Annotated[str, typer.Option(help="Backbone preset the checkpoint was trained with: bb, bl, bl336 or tiny.")] = "bl",
+    sam_checkpoint: Annotated[str | None, typer.Option(help="SAM weights file, e.g. sam_vit_b_01ec64.pth.")] = None,
+    clip_pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag (openai) or a weights file.")] = None,
+    masks: Annotated[bool, typer.Option(help="SAM's masks: drawn in the PNG and stored (COCO RLE) in the JSON.")] = True,
+    attention: Annotated[bool, typer.Option(help="Also write OUT/<stem>.attention.png: each region's attention over the CLIP map.")] = False,
+    embeddings: Annotated[bool, typer.Option(help="Also write OUT/<stem>.embeddings.npy: float32 [N, D] region embeddings.")] = False,
+    topk: Annotated[int, typer.Option(help="Labels listed per region, best first.")] = 5,
+    out: Annotated[Path, typer.Option(help="Output folder: <stem>.json and <stem>.png per image.")] = Path("predictions"),
+    batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass.")] = 4,
+    max_boxes: Annotated[int | None, typer.Option(help="--boxes-file: keep each image's N highest-scoring boxes.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Name regions of your own images: boxes, clicks or SAM's automatic regions, any vocabulary.
+
+    Writes OUT/<stem>.json (regions in prompt order: box, label, score, top-k, SAM IoU, mask) and
+    OUT/<stem>.png (masks, boxes and "label score" drawn on the image).
+    """
+    from regionspot.predict_batch import PredictConfig, run_predict
+
+    cfg = PredictConfig(
+        images=list(images), vocab=vocab, vocab_file=vocab_file, boxes=boxes, boxes_file=boxes_file, points=points,
+        checkpoint=checkpoint, backbones=backbones, sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained,
+        masks=masks, attention=attention, embeddings=embeddings, topk=topk, out=out, batch_size=batch_size,
+        max_boxes=max_boxes, device=device,
+    )
+    run_predict(cfg, show_progress=progress)
+
+
 # --- end predict ---
 
 # --- quickstart ---

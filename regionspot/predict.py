@@ -1,0 +1,415 @@
+"""Name the regions of your own images: SAM + CLIP + the trained head, online (no shards).
+
+    predictor = RegionPredictor.from_checkpoint("runs/bl/checkpoints/last", backbones="bl")
+    predictor.set_vocabulary(["cat", "dog", "sofa"])   # text embeddings, cached per vocabulary
+    predictor.set_image(image)                         # uint8 HxWx3 RGB: SAM's encoder and CLIP, once
+    regions = predictor.predict(boxes=[[10, 20, 200, 220]])
+
+A region goes through exactly the code extraction and evaluation use — the same SAM token and CLIP
+map functions, the same float16 rounding the shards apply, the same head and the same scoring — so
+for the same image and boxes it gets the label `regionspot eval` gives it, and its score (the softmax
+probability over the vocabulary) agrees to within float32 noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from regionspot.errors import RegionSpotError
+
+STORED_DTYPE = torch.float16  # what the shards hold (shards.schema.ARRAY_FIELDS); predict rounds the same way
+
+
+@dataclass
+class Region:
+    """One named region.
+
+    box:       (x0, y0, x1, y1) pixels of the original image (clipped to it; for a point prompt, the
+               box of SAM's mask).
+    label:     the most probable vocabulary entry; score: its probability (softmax over the vocabulary).
+    topk:      the k most probable (label, probability) pairs, best first.
+    iou:       SAM's predicted IoU of the region's mask (of the token the region keeps).
+    mask:      COCO RLE `{"size": [h, w], "counts": str}` of SAM's mask, or None when not asked for;
+               `mask_array()` decodes it to bool [h, w]. RLE keeps a few hundred regions cheap.
+    embedding: float32 [D], the region in CLIP's text space (L2-normalised), when asked for.
+    attention: float32 [L], the head's last-layer cross-attention over the CLIP map (class token
+               first), when asked for.
+    point:     (x, y) of the click, for point prompts.
+    token:     which SAM token the region keeps (0 for T = 1; 0..2 for the multimask tokens).
+    """
+
+    box: tuple[float, float, float, float]
+    label: str
+    score: float
+    topk: list[tuple[str, float]]
+    iou: float
+    label_index: int
+    mask: dict | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False)
+    attention: np.ndarray | None = field(default=None, repr=False)
+    point: tuple[float, float] | None = None
+    token: int = 0
+
+    def mask_array(self) -> np.ndarray | None:
+        """SAM's mask as bool [h, w], or None."""
+        if self.mask is None:
+            return None
+        from pycocotools import mask as mask_utils
+
+        rle = dict(self.mask)
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+        return mask_utils.decode(rle).astype(bool)
+
+    def to_json(self) -> dict:
+        """The region as written to OUT/<stem>.json (no embedding, no attention)."""
+        out = {
+            "box": [round(float(v), 2) for v in self.box],
+            "label": self.label,
+            "score": float(self.score),
+            "topk": [[name, float(p)] for name, p in self.topk],
+            "iou": float(self.iou),
+        }
+        if self.point is not None:
+            out["point"] = [float(v) for v in self.point]
+        if self.mask is not None:
+            out["mask"] = self.mask
+        return out
+
+
+@dataclass
+class ImageFeatures:
+    """One image after the backbones: what `predict` needs, on the predictor's device."""
+
+    image: np.ndarray  # uint8 [H, W, 3], kept for SAM's automatic mask generator
+    sam_embedding: torch.Tensor  # [256, H', W'] SAM image embedding
+    clip_map: torch.Tensor  # [L, C] float32 holding float16-rounded values, class token first
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the original image."""
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+
+def _rounded(x: torch.Tensor) -> torch.Tensor:
+    """The value the shards would hold: float32 -> float16 -> float32."""
+    return x.to(STORED_DTYPE).float()
+
+
+def _check_image(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
+        raise RegionSpotError(
+            f"image of shape {tuple(image.shape)} and dtype {image.dtype}: expected uint8 HxWx3 RGB "
+            "(regionspot.data.images.load_image reads files that way)"
+        )
+    return image
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class RegionPredictor:
+    """SAM + CLIP + a trained `RegionSpotHead`, for naming regions of single images.
+
+    Build it with `from_checkpoint`; then `set_vocabulary`, `set_image`, `predict`. For many images,
+    `encode_images` runs the backbones on a batch and `predict_features` names the regions of each.
+    """
+
+    def __init__(self, backbones, head: torch.nn.Module, device: str | torch.device = "cpu", imported=False):
+        self.backbones = backbones
+        self.device = torch.device(device)
+        self.head = head.to(self.device).eval()
+        self.imported = imported
+        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self.vocabulary: list[str] = []
+        self._text: torch.Tensor | None = None
+        self._features: ImageFeatures | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        backbones="bl",
+        *,
+        sam_checkpoint: str | None = None,
+        clip_pretrained: str | None = None,
+        device: str | torch.device | None = None,
+        **overrides,
+    ) -> RegionPredictor:
+        """Load the backbones and a head checkpoint, refusing a head trained on other backbones.
+
+        Args:
+            checkpoint: a checkpoint directory (runs/X/checkpoints/step-N or .../last), a
+                head.safetensors, or an official RegionSpot .pth (imported: it takes the chosen
+                backbones' fingerprint).
+            backbones: a preset name (bb, bl, bl336, tiny) or a `BackboneSpec`.
+            sam_checkpoint, clip_pretrained, **overrides: as `models.presets.resolve_backbones`.
+            device: default cuda when available, else cpu.
+        """
+        from regionspot.models.checkpoint import load_head
+        from regionspot.models.presets import BackboneSpec, load_backbones, resolve_backbones
+
+        if isinstance(backbones, BackboneSpec):
+            spec = backbones
+        else:
+            spec = resolve_backbones(
+                backbones, sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained, **overrides
+            )
+        checkpoint = Path(checkpoint)
+        if not checkpoint.exists():
+            raise RegionSpotError(
+                f"checkpoint {checkpoint} does not exist; pass a checkpoint directory, a head.safetensors "
+                "or an official RegionSpot .pth"
+            )
+        device = torch.device(device) if device is not None else _default_device()
+        loaded = load_backbones(spec, device=device)
+        head, fingerprint, imported = load_head(checkpoint, fingerprint_if_imported=loaded.fingerprint)
+        check_compatible(head, fingerprint, loaded, checkpoint, spec)
+        return cls(loaded, head, device=device, imported=imported)
+
+    # --- vocabulary -------------------------------------------------------------------------
+    def set_vocabulary(self, names: Sequence[str]) -> None:
+        """Use these class names; their text embeddings are computed once per vocabulary and cached."""
+        names = check_vocabulary(names)
+        key = tuple(names)
+        if key not in self._text_cache:
+            with torch.inference_mode():
+                text = self.backbones.clip.text_embeddings(list(names))  # (K, D), L2-normalised
+            self._text_cache[key] = torch.as_tensor(text, dtype=torch.float32).to(self.device)
+        self.vocabulary, self._text = list(names), self._text_cache[key]
+
+    # --- images -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[np.ndarray]) -> list[ImageFeatures]:
+        """Run SAM's image encoder and CLIP on a batch of uint8 HxWx3 RGB images (sizes may differ)."""
+        images = [_check_image(im) for im in images]
+        if not images:
+            return []
+        sam, clip = self.backbones.sam, self.backbones.clip
+        sam_in = [torch.as_tensor(sam.prepare(im)).to(self.device) for im in images]  # uint8 [3, h', w']
+        embeddings = sam.encode(sam_in)  # (B, 256, H', W')
+        clip_in = torch.stack([torch.as_tensor(clip.prepare(im)) for im in images]).to(self.device)
+        maps = _rounded(clip.feature_map(clip_in))  # (B, L, C), float16-rounded like the shards
+        return [ImageFeatures(im, e, m) for im, e, m in zip(images, embeddings, maps, strict=True)]
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Encode one uint8 HxWx3 RGB image; later `predict` calls name regions of it."""
+        self._features = self.encode_images([image])[0]
+
+    # --- regions ----------------------------------------------------------------------------
+    def predict(
+        self,
+        boxes=None,
+        points=None,
+        topk: int = 5,
+        masks: bool = True,
+        embeddings: bool = False,
+        attention: bool = False,
+    ) -> list[Region]:
+        """Name the regions of the current image, in prompt order.
+
+        Args:
+            boxes: [N, 4] XYXY pixels of the image (clipped to it; an empty box is an error).
+            points: [N, 2] (x, y) pixels, one foreground click per region: SAM's three multimask
+                tokens are each scored and the region keeps the one SAM rates best.
+            Neither: the regions of SAM's automatic mask generator ("everything in the image").
+            topk: how many (label, probability) pairs each region lists (at most the vocabulary size).
+            masks, embeddings, attention: also return SAM's mask (COCO RLE), the region embedding
+                [D] and the last-layer cross-attention over the CLIP map [L].
+        """
+        if self._features is None:
+            raise RegionSpotError("no image; call set_image(image) before predict()")
+        return self.predict_features(
+            self._features, boxes=boxes, points=points, topk=topk, masks=masks,
+            embeddings=embeddings, attention=attention,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def predict_features(
+        self,
+        features: ImageFeatures,
+        boxes=None,
+        points=None,
+        topk: int = 5,
+        masks: bool = True,
+        embeddings: bool = False,
+        attention: bool = False,
+    ) -> list[Region]:
+        """`predict` for an image encoded by `encode_images`."""
+        if self._text is None:
+            raise RegionSpotError("no vocabulary; call set_vocabulary(['cat', 'dog', ...]) before predict()")
+        if boxes is not None and points is not None:
+            raise RegionSpotError("pass boxes or points, not both")
+        if topk < 1:
+            raise RegionSpotError(f"topk={topk}: must be at least 1")
+        height, width = features.size
+        sam = self.backbones.sam
+        embedding = features.sam_embedding[None]  # (1, 256, H', W')
+        prompt_points = None
+        if points is not None:
+            prompt_points = check_points(points, width, height)
+            out = sam.point_tokens(
+                embedding, [torch.from_numpy(prompt_points).to(self.device)], [(height, width)], masks=True
+            )[0]
+        else:
+            if boxes is None:
+                boxes = np.asarray(sam.automatic_boxes(features.image), np.float32).reshape(-1, 4)
+            boxes = check_boxes(boxes, width, height)
+            out = sam.region_tokens(
+                embedding, [torch.from_numpy(boxes).to(self.device)], [(height, width)], masks=masks
+            )[0]
+        tokens, iou = _rounded(out.tokens), _rounded(out.iou)  # (N, T, 256), (N, T)
+        if len(tokens) == 0:
+            return []
+        probs, chosen, embeds, attn = self._score(tokens, iou, features.clip_map, embeddings, attention)
+        k = min(topk, len(self.vocabulary))
+        top_p, top_i = _topk(probs, k)
+        rle = out.masks if (masks or prompt_points is not None) and out.masks is not None else None
+        regions = []
+        for n in range(len(tokens)):
+            mask = rle[n] if rle is not None else None
+            box = _mask_box(mask) if prompt_points is not None else tuple(float(v) for v in boxes[n])
+            pairs = [(self.vocabulary[i], float(p)) for p, i in zip(top_p[n], top_i[n], strict=True)]
+            regions.append(
+                Region(
+                    box=box,
+                    label=pairs[0][0],
+                    score=pairs[0][1],
+                    topk=pairs,
+                    iou=float(iou[n, chosen[n]]),
+                    label_index=int(top_i[n][0]),
+                    mask=mask if masks else None,
+                    embedding=None if embeds is None else embeds[n],
+                    attention=None if attn is None else attn[n],
+                    point=None if prompt_points is None else tuple(float(v) for v in prompt_points[n]),
+                    token=int(chosen[n]),
+                )
+            )
+        return regions
+
+    def _score(self, tokens, iou, clip_map, want_embeddings: bool, want_attention: bool):
+        """Head + scoring, as evaluation does: (probs [N, K] float64, chosen token [N], embeddings
+        [N, D] or None, attention [N, L] or None)."""
+        from regionspot.models.scoring import region_probabilities
+
+        logits = self.head(tokens[None], clip_map[None], self._text)[0]  # (N, T, K)
+        probs = region_probabilities(logits, iou)  # (N, K): the best token's softmax, as evaluation does
+        # the token region_probabilities kept (argmax, first on ties), for the mask, embedding, attention
+        chosen = iou.argmax(-1) if iou.shape[1] > 1 else torch.zeros(len(iou), dtype=torch.long)
+        embeds = attn = None
+        if want_embeddings or want_attention:
+            result = self.head.embed(tokens[None], clip_map[None], return_attention=want_attention)
+            emb, att = result if want_attention else (result, None)
+            rows = torch.arange(len(tokens), device=tokens.device)
+            emb = emb[0]  # (N, T, D)
+            if emb.dim() == 3:
+                emb = emb[rows, chosen.to(emb.device)]  # (N, D)
+            embeds = emb.float().cpu().numpy() if want_embeddings else None
+            if att is not None:
+                att = att[0]  # (N, T, L)
+                if att.dim() == 3:
+                    att = att[rows, chosen.to(att.device)]  # (N, L)
+                attn = att.float().cpu().numpy()
+        return probs.cpu(), chosen.cpu().numpy(), embeds, attn
+
+
+def _topk(probs: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
+    from regionspot.models.scoring import topk_labels
+
+    scores, idx = topk_labels(probs, k)  # (N, k), (N, k)
+    return torch.as_tensor(scores).tolist(), torch.as_tensor(idx).tolist()
+
+
+def _mask_box(mask: dict | None) -> tuple[float, float, float, float]:
+    from pycocotools import mask as mask_utils
+
+    rle = dict(mask)
+    if isinstance(rle["counts"], str):
+        rle["counts"] = rle["counts"].encode("ascii")
+    x, y, w, h = mask_utils.toBbox(rle).tolist()
+    return (x, y, x + w, y + h)
+
+
+def check_vocabulary(names: Sequence[str]) -> list[str]:
+    """Strip the names; refuse an empty vocabulary, empty names and duplicates."""
+    if isinstance(names, str):
+        raise RegionSpotError(
+            f"vocabulary {names!r} is one string; pass a list of names, e.g. ['cat', 'dog']"
+        )
+    names = [str(n).strip() for n in names]
+    if not names or not any(names):
+        raise RegionSpotError('the vocabulary is empty; give at least one class name, e.g. --vocab "cat,dog"')
+    if "" in names:
+        raise RegionSpotError(f"vocabulary entry {names.index('') + 1} is empty; remove the blank name")
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise RegionSpotError(f"vocabulary name {n!r} appears twice; give each name once")
+        seen.add(n)
+    return names
+
+
+def check_boxes(boxes, width: int, height: int) -> np.ndarray:
+    """Boxes as float32 [N, 4] clipped to the image; a non-finite or (after clipping) empty box is an error."""
+    array = np.asarray(boxes, np.float32)
+    if array.size == 0:
+        return np.zeros((0, 4), np.float32)
+    if array.ndim == 1 and array.shape[0] == 4:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise RegionSpotError(f"boxes of shape {tuple(array.shape)}: expected [N, 4] XYXY pixels")
+    clipped = array.copy()
+    clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, width)
+    clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0, height)
+    bad = ~np.isfinite(array).all(1) | (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RegionSpotError(
+            f"{int(bad.sum())} box(es) empty inside the {width}x{height} image, first #{i} {array[i].tolist()}; "
+            "give x0 < x1, y0 < y1 overlapping the image"
+        )
+    return clipped
+
+
+def check_points(points, width: int, height: int) -> np.ndarray:
+    """Points as float32 [N, 2]; a point outside the image is an error."""
+    array = np.asarray(points, np.float32)
+    if array.size == 0:
+        return np.zeros((0, 2), np.float32)
+    if array.ndim == 1 and array.shape[0] == 2:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise RegionSpotError(f"points of shape {tuple(array.shape)}: expected [N, 2] (x, y) pixels")
+    bad = ~np.isfinite(array).all(1) | (array[:, 0] < 0) | (array[:, 0] > width)
+    bad |= (array[:, 1] < 0) | (array[:, 1] > height)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RegionSpotError(
+            f"point #{i} {array[i].tolist()} lies outside the {width}x{height} image; give (x, y) pixels inside it"
+        )
+    return array
+
+
+def check_compatible(head, fingerprint: str | None, backbones, checkpoint: Path, spec) -> None:
+    """Refuse a head trained on other backbones (fingerprint) or of other dimensions than the CLIP."""
+    clip = backbones.clip
+    config = head.config() if hasattr(head, "config") else {}
+    width, dim = config.get("clip_width"), config.get("embed_dim")
+    if (width is not None and width != clip.width) or (dim is not None and dim != clip.embed_dim):
+        raise RegionSpotError(
+            f"checkpoint {checkpoint} expects a CLIP of width {width} and embedding size {dim}, but the chosen "
+            f"backbones ({spec.clip}) give {clip.width} and {clip.embed_dim}; pass the --backbones it was trained with"
+        )
+    if fingerprint is not None and fingerprint != backbones.fingerprint:
+        raise RegionSpotError(
+            f"checkpoint {checkpoint} was trained on backbones with fingerprint {fingerprint[:12]}, but the chosen "
+            f"backbones (sam {spec.sam}, clip {spec.clip} @{spec.clip_size}, tokens {spec.sam_tokens}) have "
+            f"{backbones.fingerprint[:12]}; pass the --backbones/--sam-checkpoint/--clip-pretrained it was trained with"
+        )
