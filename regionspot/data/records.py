@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,12 @@ class Category:
     frequency: str | None = None  # LVIS: "r", "c" or "f"
 
     def to_json(self) -> dict:
-        return {"id": self.id, "name": self.name, "synonyms": list(self.synonyms), "frequency": self.frequency}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "synonyms": list(self.synonyms),
+            "frequency": self.frequency,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Category:
@@ -69,3 +75,113 @@ class ImageRecord:
             self.scores = np.ones(len(self.labels), np.float32)
         self.scores = np.asarray(self.scores, np.float32).reshape(-1)
         assert len(self.boxes) == len(self.labels) == len(self.scores), self.key
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks (annotation files run to gigabytes)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def source_name(path: Path, data_root: Path | None) -> str:
+    """How a source file is named in the run identity: relative to the data root when it lies under
+    it (the same on every machine), else its file name; the sha256 beside it pins the content."""
+    if data_root is not None:
+        try:
+            return Path(path).resolve().relative_to(Path(data_root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return Path(path).name
+
+
+STAT_KEYS = (
+    "images",
+    "boxes",
+    "crowd_skipped",
+    "group_skipped",
+    "boxes_dropped",
+    "boxes_clipped",
+    "images_without_boxes",
+)
+
+
+class Reader:
+    """What every dataset reader offers; subclasses implement `_load` and `_source_files`.
+
+    Annotations are parsed on first use of `records()`, `vocabulary`, `stats` or the id look-ups,
+    and kept; `sources` hashes the annotation files on first use.
+
+    name:        the dataset name (`lvis_val`) or the spec it was opened with (`coco:a.json:imgs`).
+    vocabulary:  list[Category]; label k of a record is vocabulary[k].
+    sources:     {"annotations": relative path, "sha256": hex, ...}, for the run identity.
+    stats:       counts of what the reader skipped, dropped and clipped (keys in STAT_KEYS).
+    """
+
+    def __init__(self, name: str, data_root: Path | None = None):
+        self.name = name
+        self.data_root = data_root
+        self._vocabulary: list[Category] | None = None
+        self._records: list[ImageRecord] | None = None
+        self._by_key: dict[str, ImageRecord] | None = None
+        self._sources: dict | None = None
+        self._stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+
+    def _load(self) -> tuple[list[Category], list[ImageRecord]]:
+        """Parse the annotations: (vocabulary, records in any order), filling `self._stats`."""
+        raise NotImplementedError
+
+    def _source_files(self) -> dict[str, Path]:
+        """role -> annotation file; the first role is "annotations"."""
+        raise NotImplementedError
+
+    def _ensure_loaded(self) -> None:
+        if self._records is None:
+            vocabulary, records = self._load()
+            records.sort(key=lambda r: r.key)
+            self._vocabulary, self._records = vocabulary, records
+            self._stats["images"] = len(records)
+            self._stats["boxes"] = int(sum(len(r.labels) for r in records))
+            self._stats["images_without_boxes"] = sum(1 for r in records if len(r.labels) == 0)
+
+    @property
+    def vocabulary(self) -> list[Category]:
+        self._ensure_loaded()
+        return self._vocabulary
+
+    @property
+    def stats(self) -> dict[str, int]:
+        self._ensure_loaded()
+        return self._stats
+
+    @property
+    def sources(self) -> dict:
+        if self._sources is None:
+            sources = {}
+            for role, path in self._source_files().items():
+                prefix = "" if role == "annotations" else f"{role}_"
+                sources[role] = source_name(path, self.data_root)
+                sources[f"{prefix}sha256"] = file_sha256(path)
+            self._sources = sources
+        return self._sources
+
+    def records(self) -> list[ImageRecord]:
+        """One record per image, sorted by key (the order shards are cut in)."""
+        self._ensure_loaded()
+        return self._records
+
+    def image_ids(self) -> set:
+        """The dataset's image ids, as the annotation file spells them (int for COCO-style, str for OpenImages)."""
+        return {r.image_id for r in self.records()}
+
+    def record_by_image_id(self, image_id: int | str) -> ImageRecord:
+        """The record of an image id, given as int or str (`397133` and `"397133"` name the same image).
+
+        Raises:
+            KeyError: no such image in the dataset.
+        """
+        if self._by_key is None:
+            self._by_key = {r.key: r for r in self.records()}
+        return self._by_key[str(image_id)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
