@@ -1,4 +1,5 @@
-"""What a dataset reader yields: one `ImageRecord` per image, plus the dataset's vocabulary."""
+"""What a dataset reader yields — one `ImageRecord` per image plus the vocabulary — and the `Reader`
+interface every reader (`CocoReader`, `OpenImagesReader`) offers."""
 
 from __future__ import annotations
 
