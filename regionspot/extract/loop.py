@@ -154,4 +154,5 @@ def extract_shards(
 
 
 def count_regions(records: Sequence[ImageRecord]) -> int:
-    return int(np.sum([len(r.boxes) for r in records])) if records else 0
+    # labels, not boxes: an OpenImages record reads its image header for pixel boxes on first access
+    return int(np.sum([len(r.labels) for r in records])) if records else 0
