@@ -486,14 +486,7 @@ def test_cap_boxes_keeps_the_largest(tmp_path):
 # --- toy ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    open_dataset("toy", root).records()  # the default-size train split, generated once for the module
-    return root
-
-
-def test_toy_is_lvis_format_with_real_frequencies(toy_root):
+def test_toy_is_lvis_format_with_real_frequencies(toy_root):  # toy_root: conftest, default sizes
     reader = open_dataset("toy", toy_root)
     data = json.loads((toy_root / "toy/annotations/toy_train.json").read_text())
     assert len(data["images"]) == 600 and reader.stats["images"] == 600 and reader.stats["boxes_dropped"] == 0

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from regionspot.errors import RegionSpotError
+
 TOY_VERSION = 1
 WIDTH, HEIGHT = 160, 128
 SPLITS = {  # split -> (default images, seed, first image id, image format)
@@ -67,8 +69,6 @@ def ensure_toy(
     """
     split = {"toy": "train", "toy_val": "val"}.get(split, split)
     if split not in SPLITS:
-        from regionspot.errors import RegionSpotError
-
         raise RegionSpotError(f"unknown toy split {split!r}; choose train or val")
     root = Path(data_root) / "toy"
     annotations, image_dir = root / "annotations" / f"toy_{split}.json", root / "images" / split
