@@ -5,7 +5,15 @@ import pycocotools.mask as mask_utils
 import pytest
 
 from regionspot.errors import RegionSpotError
-from regionspot.evaluate.metrics import annotation_format, compute_metrics, limit_per_image, metric_names
+from regionspot.evaluate.metrics import (
+    annotation_format,
+    compute_metrics,
+    limit_columns,
+    limit_per_image,
+    metric_names,
+    to_columns,
+    to_results,
+)
 
 W, H = 320, 240
 FREQ = {
@@ -164,6 +172,37 @@ def test_limit_per_image_keeps_the_best_scores():
     assert [d["score"] for d in limit_per_image(dets, 2)] == [0.9, 0.5, 0.3]
 
 
+@pytest.mark.parametrize("max_dets", [1, 3, 300])
+def test_limit_columns_keeps_the_reference_order(max_dets):
+    rng = np.random.default_rng(0)
+    dets = [{"image_id": int(i), "category_id": 1, "bbox": [0, 0, 1, 1], "score": float(s)}
+            for i, s in zip(rng.integers(1, 6, 60), rng.integers(0, 5, 60) / 4, strict=True)]  # fmt: skip
+    dets = [dict(d, bbox=[float(k), 0.0, 1.0, 1.0]) for k, d in enumerate(dets)]  # rows told apart by bbox
+    assert to_results(limit_columns(to_columns(dets), max_dets)) == limit_per_image(dets, max_dets)
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_fast_equals_lvis_with_ties_duplicates_and_ignored_ground_truth(seed):
+    gt, dets = make_fixture(seed=seed, images=15)
+    for d in dets:
+        d["score"] = round(d["score"], 1)  # many exact score ties
+    gt["annotations"] += [
+        dict(a, id=len(gt["annotations"]) + k + 1) for k, a in enumerate(gt["annotations"][:6])
+    ]
+    for a in gt["annotations"][::5]:
+        a["ignore"] = 1
+    for iou_type in ("bbox", "segm"):
+        for max_dets in (2, 300):
+            ref = compute_metrics(gt, dets, iou_type=iou_type, evaluator="lvis", max_dets=max_dets)
+            _assert_close(
+                ref, compute_metrics(gt, dets, iou_type=iou_type, evaluator="fast", max_dets=max_dets)
+            )
+            cols = to_columns(dets, iou_type)
+            _assert_close(
+                ref, compute_metrics(gt, cols, iou_type=iou_type, evaluator="fast", max_dets=max_dets)
+            )
+
+
 @pytest.mark.parametrize("evaluator", ["lvis", "fast"])
 def test_more_than_max_dets_per_image(evaluator):
     gt, dets = make_fixture(seed=4, images=6)
@@ -178,6 +217,7 @@ def test_more_than_max_dets_per_image(evaluator):
 def test_no_detections_still_gives_metrics(lvis, evaluator):
     gt, _ = make_fixture(seed=5, rare_gt=False, lvis=lvis)
     out = compute_metrics(gt, [], evaluator=evaluator)
+    assert out == compute_metrics(gt, to_columns([]), evaluator=evaluator)
     assert out["AP"] == 0.0 and out["AP50"] == 0.0
     if lvis:
         assert out["APr"] is None and out["APf"] == 0.0 and out["AR@300"] == 0.0
