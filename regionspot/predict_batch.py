@@ -258,6 +258,59 @@ def num_batches(n: int, size: int) -> int:
     return math.ceil(n / size)
 
 
+class _StemReader:
+    """The given images as a dataset for `load_proposals`: an image answers to its file stem and,
+    when the stem is a number, to that number unpadded (`000000000139.jpg` is image 139)."""
+
+    name = "the given images (image_id = file stem)"
+
+    def __init__(self, paths: list[Path]):
+        self.aliases = [_aliases(p.stem) for p in paths]
+
+    def records(self):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(key=k) for keys in self.aliases for k in keys]
+
+
+def _aliases(stem: str) -> tuple[str, ...]:
+    return (stem, str(int(stem))) if stem.isdigit() and str(int(stem)) != stem else (stem,)
+
+
+class ImageBoxes:
+    """--boxes-file: each given image's boxes and proposal scores (file order), matched by file stem."""
+
+    def __init__(self, per_image: list[tuple[np.ndarray, np.ndarray]]):
+        self.per_image = per_image
+
+    @classmethod
+    def load(cls, path: Path, paths: list[Path]) -> ImageBoxes:
+        """Read either proposals format (see `data.proposals`); an id matching no given image is an error."""
+        from regionspot.data.proposals import load_proposals
+
+        reader = _StemReader(paths)
+        by_key = load_proposals(path, reader).by_key  # validates format and ids, naming offenders
+        empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+        per_image = []
+        for keys in reader.aliases:
+            found = [by_key[k] for k in keys if k in by_key]
+            if len(found) > 1:  # "139" and "000139" both given for one image: both are its boxes
+                found = [tuple(np.concatenate(parts) for parts in zip(*found, strict=True))]
+            per_image.append(found[0] if found else empty)
+        return cls(per_image)
+
+    def for_image(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes float32 [N, 4] XYXY pixels, scores float32 [N]) of image `index` as given."""
+        return self.per_image[index]
+
+
+def keep_best(scores: np.ndarray, max_boxes: int | None) -> np.ndarray:
+    """Indices of the `max_boxes` highest scores (ties: file order), in file order, as `Proposals.apply`."""
+    if max_boxes is None or len(scores) <= max_boxes:
+        return np.arange(len(scores))
+    return np.sort(np.argsort(-scores, kind="stable")[:max_boxes])
+
+
 # --- the run -----------------------------------------------------------------------------------
 @dataclass
 class Summary:
@@ -267,6 +320,15 @@ class Summary:
     boxes_clipped: int = 0
     boxes_dropped: int = 0
     images_without_regions: int = 0
+    warnings: int = 0
+
+    def warn(self, console, message: str, limit: int = 20) -> None:
+        """Print a per-image problem; after `limit` of them only count (the summary line has totals)."""
+        self.warnings += 1
+        if self.warnings <= limit:
+            console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+        elif self.warnings == limit + 1:
+            console.print("[yellow]warning:[/] further problems are only counted in the summary")
 
     def line(self) -> str:
         parts = [f"{self.images} image(s), {self.regions} region(s) named"]
@@ -303,9 +365,7 @@ def make_plan(cfg: PredictConfig) -> Plan:
     paths = expand_inputs(cfg.images)
     proposals = None
     if cfg.boxes_file is not None:
-        from regionspot.predict_proposals import ImageBoxes
-
-        proposals = ImageBoxes.load(cfg.boxes_file, paths, max_boxes=cfg.max_boxes)
+        proposals = ImageBoxes.load(cfg.boxes_file, paths)
     return Plan(
         cfg, paths, output_names(paths), cfg.vocabulary(), cfg.box_prompts(), cfg.point_prompts(), proposals
     )
@@ -361,7 +421,7 @@ def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) 
                     good.append((index, image))
                 else:
                     summary.skipped.append((str(path), error))
-                    progress.console.print(f"[yellow]skipped[/] {path}: {error}")
+                    summary.warn(progress.console, f"skipped {path}: {error}")
             features = predictor.encode_images([image for _, image in good])
             for (index, _), feats in zip(good, features, strict=True):
                 _predict_one(plan, predictor, index, feats, summary, progress.console)
@@ -404,11 +464,14 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
                 dropped = np.flatnonzero(~keep)
                 summary.boxes_dropped += len(dropped)
                 record["dropped_boxes"] = [{"index": int(i), "box": given[i].tolist()} for i in dropped]
-                console.print(
-                    f"[yellow]{path}[/]: {len(dropped)} empty box(es) dropped (#{', #'.join(str(i + 1) for i in dropped[:5])})"
+                summary.warn(
+                    console,
+                    f"{path}: {len(dropped)} empty box(es) dropped (#{', #'.join(str(i + 1) for i in dropped[:5])})",
                 )
             if proposal_scores is not None:
                 proposal_scores = proposal_scores[keep]
+                best = keep_best(proposal_scores, cfg.max_boxes)
+                boxes, proposal_scores = boxes[best], proposal_scores[best]
         regions = predictor.predict_features(
             features, boxes=boxes if boxes is not None else None, topk=cfg.topk, masks=cfg.masks,
             embeddings=cfg.embeddings, attention=cfg.attention,
