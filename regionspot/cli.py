@@ -78,6 +78,51 @@ def extract(
 # --- end train ---
 
 # --- eval ---
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint dir (runs/NAME/checkpoints/last), head.safetensors or an official .pth.")] = None,
+    proposals: Annotated[str, typer.Option(help="'gt' (annotated boxes, score 1) or a detector's boxes: COCO results JSON or the official dict.")] = "gt",
+    dataset: Annotated[str, typer.Option(help="lvis_val, coco, toy_val, ... or coco:ANN.json:IMAGES (COCO/LVIS annotations).")] = "lvis_val",
+    data_root: Annotated[Path | None, typer.Option(help="Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
+    shards: Annotated[Path | None, typer.Option(help="Shard set to read (default: find one under --shards-root, else extract one there).")] = None,
+    shards_root: Annotated[Path | None, typer.Option(help="Where shard sets are found and made (default: $REGIONSPOT_SHARDS, else shards/).")] = None,
+    backbones: Annotated[str, typer.Option(help="Backbone preset (bb, bl, bl336, tiny): for official .pth files, baselines and extraction.")] = "bl",
+    sam: Annotated[str | None, typer.Option(help="SAM variant (overrides the preset).")] = None,
+    sam_checkpoint: Annotated[str | None, typer.Option(help="SAM weights file.")] = None,
+    clip: Annotated[str | None, typer.Option(help="open_clip model name.")] = None,
+    clip_pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag or weights file.")] = None,
+    clip_size: Annotated[int | None, typer.Option(help="CLIP input size S.")] = None,
+    sam_tokens: Annotated[int | None, typer.Option(help="1: single-mask token (paper); 3: multimask tokens.")] = None,
+    method: Annotated[str, typer.Option(help="regionspot (the head), clip-crop or clip-mask (the paper's CLIP baselines).")] = "regionspot",
+    max_dets: Annotated[int, typer.Option(help="Detections kept per image, by score (LVIS: 300).")] = 300,
+    candidates: Annotated[int, typer.Option(help="(region, class) pairs kept per image by probability before scoring.")] = 900,
+    masks: Annotated[bool, typer.Option(help="Also write SAM masks as segmentations and report segm metrics.")] = False,
+    evaluator: Annotated[str, typer.Option(help="lvis (reference lvis / pycocotools APIs) or fast (vectorised, same numbers).")] = "lvis",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/NAME/eval/STEP-DATASET-PROPOSALS beside the checkpoint).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per head forward pass.")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Shard-reading worker processes.")] = 0,
+    gpus: Annotated[int | None, typer.Option(help="Extraction on the spot: processes, one per GPU (0 = CPU).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only (the ground truth is cut to them).")] = None,
+) -> None:
+    """Evaluate a checkpoint on LVIS / COCO with GT boxes or a detector's proposals (paper Table 1).
+
+    Features come from cached shards (found or extracted once), so a new checkpoint costs only the
+    head. Writes detections.json, metrics.json and config.yaml to --out and prints the AP table.
+    """
+    from regionspot.evaluate.config import EvalConfig
+    from regionspot.evaluate.runner import run_eval
+
+    cfg = EvalConfig(
+        checkpoint=checkpoint, proposals=proposals, dataset=dataset, data_root=data_root, shards=shards,
+        shards_root=shards_root, backbones=backbones, sam=sam, sam_checkpoint=sam_checkpoint, clip=clip,
+        clip_pretrained=clip_pretrained, clip_size=clip_size, sam_tokens=sam_tokens, method=method,
+        max_dets=max_dets, candidates=candidates, masks=masks, evaluator=evaluator, out=out,
+        batch_size=batch_size, device=device, workers=workers, gpus=gpus, limit=limit,
+    )
+    run_eval(cfg)
+
+
 # --- end eval ---
 
 # --- predict ---
