@@ -21,3 +21,29 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    """A data root holding the generated toy dataset (both splits), made once per test session."""
+    from regionspot.data.toy import ensure_toy
+
+    root = tmp_path_factory.mktemp("datasets")
+    ensure_toy(root, "train")
+    ensure_toy(root, "val")
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_shards(toy_root, tmp_path_factory):
+    """Shard sets of the first 48 toy train and val images, tiny backbones, 3 shards each."""
+    from regionspot.extract.config import ExtractConfig
+    from regionspot.extract.runner import run_extract
+
+    out = tmp_path_factory.mktemp("shards")
+    sets = {}
+    for name in ("toy", "toy_val"):
+        cfg = ExtractConfig(dataset=name, data_root=toy_root, out=out / name, backbones="tiny", shard_size=16,
+                            limit=48, gpus=0)
+        sets[name] = run_extract(cfg)
+    return sets

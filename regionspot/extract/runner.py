@@ -166,6 +166,9 @@ def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) ->
     backbones = load_backbones(plan.spec, device=device)
     claim(out, identity(plan, backbones.info()))
     todo = [i for i in shards_of(partition, plan.total_shards) if not is_complete(out, i, cfg.storage)]
+    for i in todo:  # what a killed run of this rank left half-written
+        for stale in out.glob(f".{shard_name(i, cfg.storage)}*"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if todo:
         workers = (cfg.workers if cfg.workers is not None else 8) if device.type == "cuda" else 0
         positions = [p for i in todo for p in range(i * cfg.shard_size, min((i + 1) * cfg.shard_size, len(plan.records)))]
