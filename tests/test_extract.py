@@ -82,11 +82,14 @@ def test_two_cpu_workers_cover_every_image_once(toy_root, tmp_path):
 def test_corrupt_image_is_skipped_and_counted(toy_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(toy_root / "toy", root / "toy")
-    first = sorted((root / "toy" / "images" / "train").iterdir())[1]
-    first.write_bytes(b"not an image")
+    from regionspot.data.datasets import open_dataset
+
+    victim = open_dataset("toy", root).records()[1]
+    victim.path.write_bytes(b"not an image")
     out = run_extract(_cfg(root, tmp_path / "s"))
     manifest = ShardSet(out).manifest
-    assert [s["key"] for s in manifest["dataset"]["skipped"]] == [str(int(first.stem))]
+    assert [s["key"] for s in manifest["dataset"]["skipped"]] == [victim.key]
+    assert manifest["dataset"]["skipped"][0]["reason"]
     assert ShardSet(out).num_images == 11
 
 

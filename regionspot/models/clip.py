@@ -80,7 +80,7 @@ class ClipMapEncoder(nn.Module):
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> float32 [3, S, S]: squashed to S x S (bilinear, antialias), normalised."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+        x = torch.tensor(image).permute(2, 0, 1).float().div_(255)  # a copy: decoded arrays may be read-only
         x = F.interpolate(
             x[None],
             size=(self.image_size, self.image_size),
