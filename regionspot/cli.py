@@ -167,6 +167,22 @@ def predict(
 # --- end predict ---
 
 # --- quickstart ---
+@app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Output folder: shards, runs, metrics.json, control_metrics.json.")] = Path("runs/quickstart"),
+    data_root: Annotated[Optional[Path], typer.Option(help="Where the toy dataset is generated (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps for the head and for the control.")] = 600,
+    train_images: Annotated[Optional[int], typer.Option(help="Use only the first N toy training images.")] = None,
+    val_images: Annotated[Optional[int], typer.Option(help="Evaluate on the first N toy_val images.")] = None,
+) -> None:
+    """The whole pipeline on a CPU in minutes: toy data, tiny random backbones, extract -> train -> eval,
+    next to a control trained on shuffled labels. A pipeline check, not the paper's accuracy."""
+    from regionspot.quickstart import QuickstartConfig, run_quickstart
+
+    run_quickstart(QuickstartConfig(out=out, data_root=data_root, steps=steps, train_images=train_images,
+                                    val_images=val_images))
+
+
 # --- end quickstart ---
 
 
