@@ -234,11 +234,12 @@ class SamRegionEncoder(nn.Module):
         )
         return self._split(counts, t, i, m, masks)
 
-    def automatic_boxes(self, image: np.ndarray, points_per_side: int = 32) -> np.ndarray:
-        """Boxes [N, 4] XYXY of the regions SAM's automatic mask generator finds in the image."""
+    def automatic_boxes(self, image: np.ndarray, points_per_side: int = 32, **options) -> np.ndarray:
+        """Boxes [N, 4] XYXY of the regions SAM's automatic mask generator finds in the image
+        (`options`: further SamAutomaticMaskGenerator arguments, e.g. pred_iou_thresh)."""
         from segment_anything import SamAutomaticMaskGenerator
 
-        generator = SamAutomaticMaskGenerator(self.sam, points_per_side=points_per_side)
+        generator = SamAutomaticMaskGenerator(self.sam, points_per_side=points_per_side, **options)
         with torch.inference_mode():
             found = generator.generate(image)
         boxes = np.array([r["bbox"] for r in found], np.float32).reshape(-1, 4)  # XYWH
