@@ -10,14 +10,12 @@ masks when they are needed, and at least the images asked for (no --limit, or a 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from regionspot.errors import RegionSpotError
 from regionspot.evaluate.config import EvalConfig
 
-log = logging.getLogger("regionspot.evaluate")
 MANIFEST, IDENTITY = "manifest.json", "identity.json"
 
 
@@ -137,8 +135,11 @@ def extract_now(cfg: EvalConfig, want: Wanted, reader) -> Path:
     from regionspot.extract.runner import run_extract
 
     out = extraction_dir(cfg, want, reader)
-    log.warning("no shard set under %s fits this evaluation; extracting into %s (kept for next time)",
-                cfg.shards_root_dir(), out)  # fmt: skip
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"no shard set under {cfg.shards_root_dir()} fits this evaluation: extracting into {out} (kept for next time)"
+    )
     ecfg = ExtractConfig(
         dataset=cfg.dataset, data_root=cfg.data_root, out=out, backbones=cfg.backbones, **cfg.backbone_overrides(),
         masks=want.masks, proposals=cfg.proposals_path, gpus=cfg.gpus, limit=cfg.limit,

@@ -9,7 +9,6 @@ detections.json + metrics.json + config.yaml in the output folder, and a printed
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from regionspot.evaluate.detections import Detections
 from regionspot.evaluate.features import resolve_shardset, wanted
 from regionspot.evaluate.metrics import compute_metrics, load_ground_truth, metric_names
 from regionspot.models.scoring import region_probabilities, select_detections
-
-log = logging.getLogger("regionspot.evaluate")
 
 
 @dataclass
@@ -190,12 +187,16 @@ def _score_with_head(cfg, shardset, head, text, dets, device) -> set:
     with _progress(
         shardset.num_images if cfg.limit is None else min(cfg.limit, shardset.num_images)
     ) as advance:
-        for batch, samples in iter_batches(shardset, cfg.batch_size, num_workers=cfg.workers):
+        # With workers, shards arrive interleaved; --limit means the first N images, so read in order.
+        workers = 0 if cfg.limit is not None else cfg.workers
+        for batch, samples in iter_batches(shardset, cfg.batch_size, num_workers=workers):
             if cfg.limit is not None and len(seen) >= cfg.limit:
                 break
             b = batch.to(device, dtype=torch.float32)
-            with torch.inference_mode():
-                logits = head(b.sam_tokens, b.clip_map, text, region_mask=b.region_mask)  # [B, N, (T,) K]
+            logits = None
+            if b.sam_tokens.shape[1] > 0:  # a batch of images without regions has nothing to score
+                with torch.inference_mode():
+                    logits = head(b.sam_tokens, b.clip_map, text, region_mask=b.region_mask)  # [B, N, (T,) K]
             for i, sample in enumerate(samples):
                 if cfg.limit is not None and len(seen) >= cfg.limit:
                     break
