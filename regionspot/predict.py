@@ -120,6 +120,8 @@ class RegionPredictor:
 
     Build it with `from_checkpoint`; then `set_vocabulary`, `set_image`, `predict`. For many images,
     `encode_images` runs the backbones on a batch and `predict_features` names the regions of each.
+    `automatic` holds SamAutomaticMaskGenerator options for prompt-less calls (points_per_side,
+    pred_iou_thresh, stability_score_thresh, ...).
     """
 
     def __init__(self, backbones, head: torch.nn.Module, device: str | torch.device = "cpu", imported=False):
@@ -131,6 +133,7 @@ class RegionPredictor:
         self.vocabulary: list[str] = []
         self._text: torch.Tensor | None = None
         self._features: ImageFeatures | None = None
+        self.automatic: dict = {"points_per_side": 32}
 
     @classmethod
     def from_checkpoint(
@@ -260,7 +263,9 @@ class RegionPredictor:
             )[0]
         else:
             if boxes is None:
-                boxes = np.asarray(sam.automatic_boxes(features.image), np.float32).reshape(-1, 4)
+                boxes = np.asarray(sam.automatic_boxes(features.image, **self.automatic), np.float32).reshape(
+                    -1, 4
+                )
             boxes = check_boxes(boxes, width, height)
             out = sam.region_tokens(
                 embedding, [torch.from_numpy(boxes).to(self.device)], [(height, width)], masks=masks

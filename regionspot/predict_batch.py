@@ -90,7 +90,13 @@ class PredictConfig:
         ):
             if value is not None and value < 1:
                 problems.append(f"{flag} {value}: must be at least 1")
-        for parse in (self.vocabulary, self.box_prompts, self.point_prompts, self.torch_device):
+        for parse in (
+            self.vocabulary,
+            self.box_prompts,
+            self.point_prompts,
+            self.torch_device,
+            self.backbone_spec,
+        ):
             try:
                 parse()
             except RegionSpotError as e:
@@ -117,6 +123,14 @@ class PredictConfig:
 
     def point_prompts(self) -> np.ndarray | None:
         return None if self.points is None else parse_points(self.points)
+
+    def backbone_spec(self):
+        """The resolved `models.presets.BackboneSpec` (validated; nothing loaded)."""
+        from regionspot.models.presets import resolve_backbones
+
+        return resolve_backbones(
+            self.backbones, sam_checkpoint=self.sam_checkpoint, clip_pretrained=self.clip_pretrained
+        )
 
     def torch_device(self):
         import torch
@@ -358,10 +372,7 @@ class Plan:
 
 def make_plan(cfg: PredictConfig) -> Plan:
     """Check every option, find the images, read and match --boxes-file; loads no model."""
-    from regionspot.models.presets import resolve_backbones
-
     cfg.check()
-    resolve_backbones(cfg.backbones, sam_checkpoint=cfg.sam_checkpoint, clip_pretrained=cfg.clip_pretrained)
     paths = expand_inputs(cfg.images)
     proposals = None
     if cfg.boxes_file is not None:
@@ -395,9 +406,8 @@ def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) 
     plan = make_plan(cfg)
     if predictor is None:
         predictor = RegionPredictor.from_checkpoint(
-            cfg.checkpoint, backbones=cfg.backbones, sam_checkpoint=cfg.sam_checkpoint,
-            clip_pretrained=cfg.clip_pretrained, device=cfg.torch_device(),
-        )  # fmt: skip
+            cfg.checkpoint, cfg.backbone_spec(), device=cfg.torch_device()
+        )
     predictor.set_vocabulary(plan.vocabulary)
     cfg.out.mkdir(parents=True, exist_ok=True)
     summary = Summary()

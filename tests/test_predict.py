@@ -81,3 +81,276 @@ def test_attention_map_and_sheet():
     sheet = draw_attention(np.zeros((35, 70, 3), np.uint8), np.array([[0, 0, 10, 10], [60, 25, 70, 35]]),
                            ["a", "b"], [0.5, 0.5], attention)  # fmt: skip
     assert sheet.ndim == 3 and sheet.shape[1] > 70  # two panels side by side
+
+
+# --- CLI: option errors come before any model is loaded -------------------------------------------
+def _cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    from regionspot.cli import app
+
+    return CliRunner().invoke(app, ["predict", *args])
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail loudly if anything tries to load a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr("regionspot.predict.RegionPredictor.from_checkpoint", refuse)
+
+
+def test_cli_help_lists_the_options():
+    result = _cli(["--help"])
+    assert result.exit_code == 0
+    for flag in ("--vocab", "--vocab-file", "--boxes", "--boxes-file", "--points", "--checkpoint", "--backbones",
+                 "--masks", "--no-masks", "--attention", "--embeddings", "--topk", "--out", "--batch-size"):  # fmt: skip
+        assert flag in result.output
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--boxes", "1,2,3,4"], "--vocab"),
+        (["--vocab", " , ", "--boxes", "1,2,3,4"], "--vocab is empty"),
+        (["--vocab", "cat", "--boxes", ""], "--boxes is empty"),
+        (["--vocab", "cat", "--boxes", "1,2,3;4,5,6,7"], "entry #1 '1,2,3'"),
+        (
+            ["--vocab", "cat", "--boxes", "1,2,3,4", "--points", "1,2"],
+            "--boxes and --points: give at most one",
+        ),
+        (["--vocab", "cat", "--topk", "0"], "--topk 0: must be at least 1"),
+        (["--vocab", "cat", "--backbones", "huge"], "huge"),
+    ],
+)
+def test_cli_option_errors(tmp_path, no_models, args, fragment):
+    image = _write_image(tmp_path / "a.png")
+    ckpt = tmp_path / "head.safetensors"
+    ckpt.write_bytes(b"")
+    result = _cli([str(image), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, RegionSpotError), result.output
+    message = str(result.exception)
+    assert fragment in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_inputs_and_one_line_error(tmp_path, no_models, monkeypatch, capsys):
+    import sys
+
+    from regionspot.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["regionspot", "predict", str(tmp_path / "nope.jpg"), "--vocab", "cat",
+                                      "--checkpoint", str(tmp_path / "missing")])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "--checkpoint" in err and "no such file" in err
+
+
+# --- the predictor (tiny backbones, a tiny head checkpoint) ------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    from regionspot.models.presets import load_backbones, resolve_backbones
+
+    return load_backbones(resolve_backbones("tiny"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    """A head checkpoint directory for the tiny backbones, as training saves it."""
+    import torch
+    from regionspot.models.checkpoint import save_head
+    from regionspot.models.head import RegionSpotHead
+
+    torch.manual_seed(1)
+    head = RegionSpotHead(tiny.clip.width, tiny.clip.embed_dim, ff_dim=128, logit_scale=tiny.clip.logit_scale)
+    path = tmp_path_factory.mktemp("ckpt") / "step-0000010"
+    save_head(head, path, tiny.fingerprint)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    from regionspot.predict import RegionPredictor
+
+    return RegionPredictor.from_checkpoint(checkpoint, "tiny", device="cpu")
+
+
+def test_boxes_get_the_labels_and_scores_of_the_evaluation_path(toy_shards, toy_root, predictor):
+    """The evaluation path: cached (float16) shards -> padded batches -> head -> region_probabilities."""
+    import torch
+
+    from regionspot.data.datasets import open_dataset
+    from regionspot.data.images import load_image
+    from regionspot.data.records import clean_class_name
+    from regionspot.models.scoring import region_probabilities
+    from regionspot.shards.loader import iter_batches
+    from regionspot.shards.shardset import ShardSet
+
+    shards = ShardSet(toy_shards["toy_val"])
+    reader = open_dataset("toy_val", toy_root)
+    names = [clean_class_name(v["name"]) for v in shards.vocabulary]
+    predictor.set_vocabulary(names)
+    np.testing.assert_allclose(predictor._text.numpy(), shards.text_embeddings(), atol=1e-6)
+    text = torch.as_tensor(shards.text_embeddings())
+    checked = 0
+    for batch, samples in iter_batches(shards, batch_size=4):
+        b = batch.to("cpu", dtype=torch.float32)
+        with torch.inference_mode():
+            logits = predictor.head(b.sam_tokens, b.clip_map, text, region_mask=b.region_mask)
+        for i, sample in enumerate(samples):
+            n = sample.num_regions
+            if n == 0:
+                continue
+            expected = region_probabilities(logits[i, :n], b.sam_iou[i, :n])  # [n, K]
+            predictor.set_image(load_image(reader.record_by_image_id(sample.image_id).path))
+            regions = predictor.predict(boxes=sample.boxes, topk=len(names), masks=False)
+            assert [r.label for r in regions] == [names[k] for k in expected.argmax(1).tolist()]
+            np.testing.assert_allclose([r.score for r in regions], expected.max(1).values.numpy(), atol=1e-5)
+            for r, row in zip(regions, expected, strict=True):
+                got = dict(r.topk)
+                np.testing.assert_allclose([got[nm] for nm in names], row.numpy(), atol=1e-5)
+            np.testing.assert_array_equal(np.array([r.box for r in regions], np.float32), sample.boxes)
+            checked += 1
+        if checked >= 4:
+            break
+    assert checked >= 4
+
+
+def _toy_image(toy_root) -> np.ndarray:
+    from regionspot.data.datasets import open_dataset
+    from regionspot.data.images import load_image
+
+    return load_image(open_dataset("toy_val", toy_root).records()[0].path)
+
+
+def test_points_and_automatic_regions(predictor, toy_root):
+    image = _toy_image(toy_root)
+    h, w = image.shape[:2]
+    predictor.set_vocabulary(["red square", "blue circle", "green triangle"])
+    predictor.set_image(image)
+    regions = predictor.predict(points=[[w / 4, h / 4], [w / 2, h / 2]], topk=2)
+    assert len(regions) == 2 and [r.point for r in regions] == [(w / 4, h / 4), (w / 2, h / 2)]
+    for r in regions:
+        assert r.mask_array().shape == (h, w) and r.token in (0, 1, 2) and len(r.topk) == 2
+        assert 0 <= r.box[0] < r.box[2] <= w and 0 <= r.box[1] < r.box[3] <= h
+        assert r.score == r.topk[0][1] and r.label == r.topk[0][0]
+    predictor.automatic = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    auto = predictor.predict(masks=True)
+    assert len(auto) >= 1 and all(r.mask_array().shape == (h, w) for r in auto)
+
+
+def test_embeddings_attention_and_errors(predictor, tiny, toy_root):
+    image = _toy_image(toy_root)
+    predictor.set_vocabulary(["cat", "dog"])
+    predictor.set_image(image)
+    regions = predictor.predict(boxes=[[-20, 5, 40, 30], [10, 10, 60, 50]], embeddings=True, attention=True)
+    assert regions[0].box[0] == 0  # clipped to the image
+    for r in regions:
+        assert r.embedding.shape == (tiny.clip.embed_dim,) and abs(np.linalg.norm(r.embedding) - 1) < 1e-3
+        assert r.attention.shape == (tiny.clip.num_tokens,)
+    with pytest.raises(RegionSpotError, match="empty inside"):
+        predictor.predict(boxes=[[5000, 5000, 6000, 6000]])
+    with pytest.raises(RegionSpotError, match="vocabulary is empty"):
+        predictor.set_vocabulary([])
+    with pytest.raises(RegionSpotError, match="'cat' appears twice"):
+        predictor.set_vocabulary(["cat", "cat"])
+
+
+def test_checkpoint_of_other_backbones_is_refused(tiny, tmp_path):
+    from regionspot.models.checkpoint import save_head
+    from regionspot.models.head import RegionSpotHead
+
+    from regionspot.predict import RegionPredictor
+
+    save_head(RegionSpotHead(tiny.clip.width, tiny.clip.embed_dim, ff_dim=128), tmp_path / "other", "f" * 64)
+    with pytest.raises(RegionSpotError, match="fingerprint") as info:
+        RegionPredictor.from_checkpoint(tmp_path / "other", "tiny", device="cpu")
+    assert "\n" not in str(info.value) and "--backbones" in str(info.value)
+
+
+# --- CLI end to end ---------------------------------------------------------------------------------
+def _images_for_cli(tmp_path, toy_root):
+    """Two copies of a toy image with the same stem in two folders, and a corrupt file."""
+    image = _toy_image(toy_root)
+    paths = []
+    for folder in ("a", "b"):
+        path = tmp_path / "in" / folder / "000000000042.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    (tmp_path / "in" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    return image, paths
+
+
+def test_cli_writes_json_pictures_attention_and_embeddings(tmp_path, toy_root, checkpoint, tiny):
+    image, paths = _images_for_cli(tmp_path, toy_root)
+    h, w = image.shape[:2]
+    out = tmp_path / "out"
+    boxes = f"4,4,{w // 2},{h // 2};{w // 3},{h // 3},{w + 50},{h + 50};{w + 10},0,{w + 20},10"
+    result = _cli([str(tmp_path / "in"), "--vocab", "square, circle,triangle", "--boxes", boxes,
+                   "--checkpoint", str(checkpoint), "--backbones", "tiny", "--attention", "--embeddings",
+                   "--topk", "2", "--out", str(out), "--batch-size", "2", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "1 unreadable image(s) skipped" in result.output and "broken.jpg" in result.output
+    assert "1 empty box(es) dropped" in result.output
+    for name in ("a/000000000042", "b/000000000042"):  # same stem, different folders: relative paths kept
+        record = json.loads((out / f"{name}.json").read_text())
+        assert (record["width"], record["height"]) == (w, h) and record["image"].endswith("000000000042.png")
+        regions = record["regions"]
+        assert len(regions) == 2 and record["dropped_boxes"][0]["index"] == 2
+        assert regions[1]["box"] == [w // 3, h // 3, w, h]  # clipped
+        for r in regions:
+            assert set(r) >= {"box", "label", "score", "topk", "iou", "mask"} and len(r["topk"]) == 2
+            assert r["label"] == r["topk"][0][0] and r["mask"]["size"] == [h, w]
+        picture = np.asarray(Image.open(out / f"{name}.png"))
+        assert picture.shape == image.shape
+        for r in regions:
+            x0, y0, x1, y1 = (int(v) for v in r["box"])
+            assert (picture[y0:y1, x0:x1] != image[y0:y1, x0:x1]).any()
+        assert Image.open(out / f"{name}.attention.png").size[0] >= 2 * min(w, 192) // 2
+        emb = np.load(out / f"{name}.embeddings.npy", allow_pickle=False)
+        assert emb.shape == (2, tiny.clip.embed_dim) and emb.dtype == np.float32
+
+
+def test_cli_boxes_file_points_and_no_masks(tmp_path, toy_root, checkpoint):
+    image, paths = _images_for_cli(tmp_path, toy_root)
+    (tmp_path / "in" / "b" / "broken.jpg").unlink()
+    h, w = image.shape[:2]
+    boxes_file = tmp_path / "boxes.json"
+    boxes_file.write_text(json.dumps([{"image_id": 42, "bbox": [2, 3, 20, 20], "score": 0.7},
+                                      {"image_id": 42, "bbox": [10, 10, 30, 25], "score": 0.9}]))  # fmt: skip
+    common = [
+        "--vocab",
+        "square,circle",
+        "--checkpoint",
+        str(checkpoint),
+        "--backbones",
+        "tiny",
+        "--no-progress",
+    ]
+    result = _cli(
+        [str(paths[0]), "--boxes-file", str(boxes_file), "--no-masks", "--out", str(tmp_path / "o1"), *common]
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    record = json.loads((tmp_path / "o1" / "000000000042.json").read_text())
+    assert [r["box"] for r in record["regions"]] == [[2, 3, 22, 23], [10, 10, 40, 35]]
+    assert [r["proposal_score"] for r in record["regions"]] == pytest.approx([0.7, 0.9])
+    assert all("mask" not in r for r in record["regions"])
+
+    boxes_file.write_text(json.dumps({"42": {"boxes": [[1, 1, 9, 9]]}, "7": {"boxes": [[1, 1, 9, 9]]}}))
+    result = _cli([str(paths[0]), "--boxes-file", str(boxes_file), "--out", str(tmp_path / "o2"), *common])
+    assert isinstance(result.exception, RegionSpotError) and "first: 7" in str(result.exception)
+
+    result = _cli([str(paths[0]), "--points", f"{w // 2},{h // 2}", "--out", str(tmp_path / "o3"), *common])
+    assert result.exit_code == 0, (result.output, result.exception)
+    record = json.loads((tmp_path / "o3" / "000000000042.json").read_text())
+    assert record["regions"][0]["point"] == [w // 2, h // 2] and record["regions"][0]["mask"]["size"] == [
+        h,
+        w,
+    ]
