@@ -72,6 +72,48 @@ def extract(
 # --- end extract ---
 
 # --- shards ---
+@shards_app.command("info")
+def shards_info(
+    directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
+) -> None:
+    """Print what a shard set holds: dataset, storage, shards, images, regions, size, backbones, run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from regionspot.shards.verify import shardset_info
+
+    info = shardset_info(directory)
+    table = Table(title=f"shard set {directory}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in info.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@shards_app.command("verify")
+def shards_verify(
+    directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
+) -> None:
+    """Check every shard against the manifest: checksums, schema, sample and region counts, missing files.
+
+    Prints "ok: N shards, M images" when sound; otherwise prints each fault and exits with code 1.
+    """
+    from regionspot.shards.manifest import read_manifest
+    from regionspot.shards.verify import verify_shardset
+
+    faults = verify_shardset(directory)
+    if faults:
+        for fault in faults:
+            typer.echo(f"fault: {fault}")
+        typer.echo(f"{len(faults)} fault(s) in {directory}")
+        raise typer.Exit(1)
+    manifest = read_manifest(directory)
+    typer.echo(f"ok: {len(manifest['shards'])} shards, {manifest['dataset']['images']} images")
+
+
 # --- end shards ---
 
 # --- train ---

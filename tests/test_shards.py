@@ -1,0 +1,468 @@
+"""The shard contract (DESIGN.md §4): both storages, manifest, ShardSet, loader, verify and the `shards` CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from regionspot.cli import app
+from regionspot.errors import RegionSpotError
+from regionspot.shards.loader import Batch, collate, iter_batches
+from regionspot.shards.manifest import (
+    MANIFEST,
+    TEXT_EMBEDDINGS,
+    build_manifest,
+    read_manifest,
+    write_json_atomic,
+)
+from regionspot.shards.schema import ARRAY_FIELDS, SAM_DIM, Sample, record_name, shard_name
+from regionspot.shards.shardset import ShardSet
+from regionspot.shards.storage import open_writer, read_shard, shard_checksum
+from regionspot.shards.verify import shardset_info, verify_shardset
+
+L, C = 5, 8
+VOCAB = [
+    {"id": 1, "name": "cat", "synonyms": ["cat"], "frequency": "f"},
+    {"id": 2, "name": "dog", "synonyms": ["dog"], "frequency": "c"},
+    {"id": 3, "name": "sofa", "synonyms": ["sofa", "couch"], "frequency": "r"},
+]
+
+
+def make_sample(rng: np.random.Generator, key: str, n: int, t: int = 1, masks: bool = False, image_id=None) -> Sample:
+    xy = rng.uniform(0, 50, (n, 2))
+    wh = rng.uniform(1, 50, (n, 2))
+    return Sample(
+        key=key,
+        image_id=int(key) if image_id is None else image_id,
+        file_name=f"{key}.jpg",
+        width=int(rng.integers(64, 640)),
+        height=int(rng.integers(64, 640)),
+        boxes=np.concatenate([xy, xy + wh], 1).astype(np.float32),
+        labels=rng.integers(-1, len(VOCAB), n).astype(np.int32),
+        scores=rng.uniform(0, 1, n).astype(np.float32),
+        sam_tokens=rng.standard_normal((n, t, SAM_DIM)).astype(np.float16),
+        sam_iou=rng.uniform(0, 1, (n, t)).astype(np.float16),
+        clip_map=rng.standard_normal((L, C)).astype(np.float16),
+        masks=[{"size": [32, 48], "counts": f"{i}a1b{key}"} for i in range(n)] if masks else None,
+    )
+
+
+def make_samples(seed: int = 0, counts=(3, 0, 5, 1, 0), t: int = 1, masks: bool = True, start: int = 0) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    return [make_sample(rng, f"{start + i:04d}", n, t, masks) for i, n in enumerate(counts)]
+
+
+def write_shard(storage: str, path: Path, samples: list[Sample]) -> Path:
+    writer = open_writer(storage, path)
+    for s in samples:
+        writer.write(s)
+    writer.close()
+    return path
+
+
+def identity(storage: str, clip_model: str = "ViT-B-16", fingerprint: str = "f" * 64) -> dict:
+    return {
+        "dataset": {"name": "unit", "sources": {"annotations": "unit.json", "sha256": "0" * 64}},
+        "proposals": {"source": "gt"},
+        "backbones": {
+            "sam": {"model": "vit_b", "tokens": 1},
+            "clip": {"model": clip_model, "image_size": 224, "width": C, "embed_dim": 4, "logit_scale": 100.0},
+            "fingerprint": fingerprint,
+        },
+        "run": {"shard_size": 4, "limit": None, "max_boxes": None, "masks": True},
+        "storage": storage,
+    }
+
+
+def build_set(out: Path, storage: str, shards: list[list[Sample]], **ident) -> Path:
+    """A finished shard set, written the way `regionspot extract` writes one (sink records + _finish)."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, samples in enumerate(shards):
+        name = shard_name(i, storage)
+        write_shard(storage, out / name, samples)
+        sha, nbytes = shard_checksum(out / name)
+        record = {"index": i, "name": name, "samples": len(samples),
+                  "regions": sum(s.num_regions for s in samples), "bytes": nbytes, "sha256": sha, "skipped": []}
+        write_json_atomic(out / record_name(i), record)
+        records.append(record)
+    text = np.random.default_rng(0).standard_normal((len(VOCAB), 4)).astype(np.float32)
+    np.save(out / TEXT_EMBEDDINGS, text / np.linalg.norm(text, axis=1, keepdims=True), allow_pickle=False)
+    write_json_atomic(out / MANIFEST, build_manifest(identity(storage, **ident), records, VOCAB))
+    return out
+
+
+def assert_same(a: Sample, b: Sample) -> None:
+    for name in ("key", "image_id", "file_name", "width", "height", "masks"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name, (dtype, ndim) in ARRAY_FIELDS.items():
+        x, y = getattr(a, name), getattr(b, name)
+        assert y.dtype == dtype and y.ndim == ndim, name
+        assert x.shape == y.shape, name
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def flip_byte(file: Path, at: float = 0.5) -> None:
+    data = bytearray(file.read_bytes())
+    data[int(len(data) * at)] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+# --- storage round trip -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+@pytest.mark.parametrize("t", [1, 3])
+def test_round_trip(tmp_path, storage, t):
+    samples = make_samples(t=t)
+    path = write_shard(storage, tmp_path / shard_name(0, storage), samples)
+    back = list(read_shard(path))
+    assert [s.key for s in back] == [s.key for s in samples]
+    for a, b in zip(samples, back, strict=True):
+        assert_same(a, b)
+        assert not b.problems()
+    assert [s.num_regions for s in back] == [3, 0, 5, 1, 0]
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_round_trip_without_masks_and_string_ids(tmp_path, storage):
+    rng = np.random.default_rng(1)
+    samples = [make_sample(rng, f"img{i}", n, image_id=f"img{i}") for i, n in enumerate((2, 0))]
+    back = list(read_shard(write_shard(storage, tmp_path / shard_name(0, storage), samples)))
+    for a, b in zip(samples, back, strict=True):
+        assert_same(a, b)
+        assert b.masks is None
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_round_trip_only_empty_images(tmp_path, storage):
+    samples = make_samples(counts=(0, 0), t=3, masks=False)
+    back = list(read_shard(write_shard(storage, tmp_path / shard_name(0, storage), samples)))
+    for a, b in zip(samples, back, strict=True):
+        assert_same(a, b)
+
+
+def test_wds_and_zarr_agree(tmp_path):
+    samples = make_samples(seed=3, t=3)
+    wds = list(read_shard(write_shard("wds", tmp_path / "shard-000000.tar", samples)))
+    zarr = list(read_shard(write_shard("zarr", tmp_path / "shard-000000.zarr", samples)))
+    for a, b in zip(wds, zarr, strict=True):
+        assert_same(a, b)
+
+
+def test_tar_bytes_reproducible(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_shard("wds", tmp_path / "a" / "shard-000000.tar", make_samples())
+    b = write_shard("wds", tmp_path / "b" / "shard-000000.tar", make_samples())
+    assert a.read_bytes() == b.read_bytes()
+    assert shard_checksum(a) == shard_checksum(b)
+    with tarfile.open(a) as tar:
+        members = tar.getmembers()
+    assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members)
+    assert members[0].name == "0000.json" and members[1].name == "0000.boxes.npy"
+
+
+def test_zarr_checksum_reproducible(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_shard("zarr", tmp_path / "a" / "shard-000000.zarr", make_samples(t=3))
+    b = write_shard("zarr", tmp_path / "b" / "shard-000000.zarr", make_samples(t=3))
+    sha, nbytes = shard_checksum(a)
+    assert (sha, nbytes) == shard_checksum(b)
+    assert nbytes == sum(f.stat().st_size for f in a.rglob("*") if f.is_file())
+    c = write_shard("zarr", tmp_path / "shard-000000.zarr", make_samples(seed=9, t=3))
+    assert shard_checksum(c)[0] != sha
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_abort_leaves_nothing(tmp_path, storage):
+    writer = open_writer(storage, tmp_path / shard_name(0, storage))
+    for s in make_samples():
+        writer.write(s)
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_unfinished_writer_has_no_final_name(tmp_path, storage):
+    final = tmp_path / shard_name(0, storage)
+    writer = open_writer(storage, final)
+    writer.write(make_samples()[0])
+    assert not final.exists()
+    writer.close()
+    assert final.exists() and [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+def test_unknown_storage(tmp_path):
+    with pytest.raises(RegionSpotError, match="unknown storage"):
+        open_writer("hdf5", tmp_path / "x")
+    with pytest.raises(RegionSpotError, match="not a shard"):
+        read_shard(tmp_path / "shard-000000.h5")
+
+
+# --- never unpickle ---------------------------------------------------------------------------------
+
+UNPICKLED: list[str] = []
+
+
+def _mark(tag):
+    UNPICKLED.append(tag)
+    return tag
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_mark, ("payload",))
+
+
+def test_wds_ignores_pickle_members(tmp_path):
+    path = write_shard("wds", tmp_path / "shard-000000.tar", make_samples(counts=(2, 1)))
+    with tarfile.open(path, "a") as tar:
+        for name, data in (("0001.evil.pyd", pickle.dumps(_Payload())), ("0001.evil.pth", pickle.dumps(_Payload()))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    UNPICKLED.clear()
+    back = list(read_shard(path))
+    assert [s.key for s in back] == ["0000", "0001"]
+    assert UNPICKLED == []
+    assert pickle.loads(pickle.dumps(_Payload())) == "payload" and UNPICKLED == ["payload"]  # the payload is live
+
+
+def test_wds_object_array_raises(tmp_path):
+    sample = make_samples(counts=(2,))[0]
+    path = tmp_path / "shard-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        members = {"json": json.dumps(sample.meta()).encode()}
+        for name, array in sample.arrays().items():
+            buf = io.BytesIO()
+            if name == "boxes":
+                np.save(buf, np.array([_Payload(), 1], dtype=object), allow_pickle=True)
+            else:
+                np.save(buf, array)
+            members[f"{name}.npy"] = buf.getvalue()
+        for rest, data in members.items():
+            info = tarfile.TarInfo(f"{sample.key}.{rest}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    UNPICKLED.clear()
+    with pytest.raises(RegionSpotError, match="unreadable shard"):
+        list(read_shard(path))
+    assert UNPICKLED == []
+
+
+def test_wds_truncated_tar_raises(tmp_path):
+    path = write_shard("wds", tmp_path / "shard-000000.tar", make_samples())
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(RegionSpotError):
+        list(read_shard(path))
+
+
+# --- manifest and ShardSet --------------------------------------------------------------------------
+
+
+def test_manifest_and_shardset(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples(), make_samples(seed=1, counts=(4, 2), start=5)])
+    m = read_manifest(out)
+    assert m["dataset"]["images"] == 7 and m["dataset"]["regions"] == 15
+    assert [s["name"] for s in m["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
+    ss = ShardSet(out)
+    assert (ss.num_images, ss.num_regions, ss.name, ss.logit_scale) == (7, 15, "unit", 100.0)
+    assert ss.text_embeddings().shape == (3, 4) and ss.text_embeddings().dtype == np.float32
+    assert [s.key for s in ss.iter_samples()] == [f"{i:04d}" for i in range(7)]
+    assert [s.key for s in ss.iter_samples([1])] == ["0005", "0006"]
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(RegionSpotError, match="no shard set"):
+        ShardSet(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RegionSpotError, match="no shards"):
+        read_manifest(tmp_path / "empty")
+
+
+def test_shards_without_manifest(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples()])
+    (out / MANIFEST).unlink()
+    with pytest.raises(RegionSpotError, match="run the same 'regionspot extract' command again"):
+        ShardSet(out)
+
+
+def test_wrong_version_and_format(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples()])
+    m = json.loads((out / MANIFEST).read_text())
+    write_json_atomic(out / MANIFEST, {**m, "version": 99})
+    with pytest.raises(RegionSpotError, match="version 99"):
+        ShardSet(out)
+    write_json_atomic(out / MANIFEST, {**m, "format": "other"})
+    with pytest.raises(RegionSpotError, match="not a regionspot shard manifest"):
+        ShardSet(out)
+    (out / MANIFEST).write_text("{not json")
+    with pytest.raises(RegionSpotError, match="not valid JSON"):
+        ShardSet(out)
+
+
+def test_shardset_missing_shard(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples(), make_samples(start=5)])
+    (out / "shard-000001.tar").unlink()
+    with pytest.raises(RegionSpotError, match="shard-000001.tar"):
+        ShardSet(out)
+
+
+def test_shardset_bad_text_embeddings(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples()])
+    np.save(out / TEXT_EMBEDDINGS, np.zeros((2, 4), np.float32))
+    with pytest.raises(RegionSpotError, match="expected float32"):
+        ShardSet(out).text_embeddings()
+
+
+def test_check_fingerprint_names_field(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples()])
+    ss = ShardSet(out)
+    ss.check_fingerprint("f" * 64)  # same: passes
+    other = identity("wds", clip_model="ViT-L-14", fingerprint="e" * 64)["backbones"]
+    with pytest.raises(RegionSpotError) as e:
+        ss.check_fingerprint(other["fingerprint"], against="the head", backbones=other)
+    msg = str(e.value)
+    assert "clip.model differs: ViT-B-16 vs ViT-L-14" in msg and "the head" in msg
+    assert "sam.model" not in msg
+    same = identity("wds", fingerprint="e" * 64)["backbones"]
+    with pytest.raises(RegionSpotError, match="same models, different weights"):
+        ss.check_fingerprint(same["fingerprint"], backbones=same)
+
+
+# --- loader -----------------------------------------------------------------------------------------
+
+
+def test_collate_padding():
+    samples = make_samples(counts=(2, 0, 3), t=3)
+    b = collate(samples)
+    assert len(b) == 3 and b.keys == ["0000", "0001", "0002"]
+    assert b.sam_tokens.shape == (3, 3, 3, SAM_DIM) and b.sam_tokens.dtype == torch.float16
+    assert b.sam_iou.shape == (3, 3, 3) and b.clip_map.shape == (3, L, C)
+    assert b.boxes.shape == (3, 3, 4) and b.scores.shape == (3, 3) and b.labels.dtype == torch.int64
+    assert b.region_mask.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+    pad = ~b.region_mask
+    assert (b.labels[pad] == -1).all()
+    for t in (b.sam_tokens, b.sam_iou, b.boxes, b.scores):
+        assert (t[pad] == 0).all()
+    for i, s in enumerate(samples):
+        k = s.num_regions
+        np.testing.assert_array_equal(b.sam_tokens[i, :k].numpy(), s.sam_tokens)
+        np.testing.assert_array_equal(b.labels[i, :k].numpy(), s.labels)
+        np.testing.assert_array_equal(b.boxes[i, :k].numpy(), s.boxes)
+    np.testing.assert_array_equal(b.clip_map[1].numpy(), samples[1].clip_map)
+    assert b.sizes == [(s.width, s.height) for s in samples]
+
+
+def test_collate_no_regions():
+    b = collate(make_samples(counts=(0, 0), t=3))
+    assert b.sam_tokens.shape == (2, 0, 3, SAM_DIM)
+    assert b.region_mask.shape == (2, 0) and b.labels.shape == (2, 0) and b.boxes.shape == (2, 0, 4)
+    assert b.clip_map.shape == (2, L, C)
+
+
+def test_batch_to_dtype():
+    b = collate(make_samples(counts=(2, 1)))
+    c = b.to("cpu", torch.float32)
+    assert isinstance(c, Batch) and c.keys == b.keys
+    assert c.sam_tokens.dtype == c.clip_map.dtype == c.sam_iou.dtype == c.boxes.dtype == torch.float32
+    assert c.labels.dtype == torch.int64 and c.region_mask.dtype == torch.bool
+    assert torch.equal(c.sam_tokens, b.sam_tokens.float())
+    assert b.to("cpu").sam_tokens.dtype == torch.float16
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_iter_batches_order(tmp_path, storage):
+    shards = [make_samples(counts=(1, 2, 0, 3, 1)), make_samples(seed=1, counts=(2, 0, 1), start=5)]
+    out = build_set(tmp_path / "set", storage, shards)
+    batches = list(iter_batches(ShardSet(out), batch_size=2))
+    assert [b.keys for b, _ in batches] == [["0000", "0001"], ["0002", "0003"], ["0004"], ["0005", "0006"], ["0007"]]
+    for b, samples in batches:
+        assert b.keys == [s.key for s in samples]
+
+
+def test_iter_batches_workers(tmp_path):
+    shards = [make_samples(counts=(1, 2, 0, 3)), make_samples(seed=1, counts=(2, 0, 1, 1), start=4)]
+    out = build_set(tmp_path / "set", "wds", shards)
+    keys = [b.keys for b, _ in iter_batches(ShardSet(out), batch_size=2, num_workers=2)]
+    assert keys == [["0000", "0001"], ["0004", "0005"], ["0002", "0003"], ["0006", "0007"]]
+
+
+# --- verify and CLI ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_verify(tmp_path, storage):
+    out = build_set(tmp_path / "set", storage, [make_samples(), make_samples(seed=1, start=5)])
+    assert verify_shardset(out) == []
+    target = out / shard_name(1, storage)
+    files = [target] if target.is_file() else sorted((f for f in target.rglob("*") if f.is_file()), key=lambda f: -f.stat().st_size)
+    flip_byte(files[0])
+    faults = verify_shardset(out)
+    assert len(faults) == 1 and faults[0].startswith(f"{target.name}: checksum mismatch")
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_verify_missing_and_extra(tmp_path, storage):
+    out = build_set(tmp_path / "set", storage, [make_samples(), make_samples(seed=1, start=5)])
+    name = shard_name(0, storage)
+    (out / name).rename(out / shard_name(7, storage))
+    (out / TEXT_EMBEDDINGS).unlink()
+    faults = verify_shardset(out)
+    assert f"{name}: missing" in faults
+    assert f"{shard_name(7, storage)}: not listed in the manifest" in faults
+    assert f"{TEXT_EMBEDDINGS}: missing" in faults
+
+
+def test_verify_count_mismatch(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples()])
+    m = json.loads((out / MANIFEST).read_text())
+    m["shards"][0]["regions"] += 1
+    write_json_atomic(out / MANIFEST, m)
+    assert any("manifest says 5 / 10" in f for f in verify_shardset(out))
+
+
+def test_verify_no_manifest(tmp_path):
+    assert "no shard set" in verify_shardset(tmp_path / "nope")[0]
+
+
+def test_shardset_info(tmp_path):
+    out = build_set(tmp_path / "set", "zarr", [make_samples(), make_samples(start=5)])
+    info = shardset_info(out)
+    assert (info["dataset"], info["storage"], info["shards"], info["images"], info["regions"]) == ("unit", "zarr", 2, 10, 18)
+    assert info["vocabulary"] == 3 and info["sam"] == "vit_b (tokens 1)" and info["clip"] == "ViT-B-16 @224"
+
+
+def test_cli_info_and_verify(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples(), make_samples(start=5)])
+    runner = CliRunner()
+    r = runner.invoke(app, ["shards", "info", str(out)])
+    assert r.exit_code == 0, r.output
+    for text in ("unit", "wds", "images", "regions", "ViT-B-16", "vit_b"):
+        assert text in r.output
+    r = runner.invoke(app, ["shards", "verify", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "ok: 2 shards, 10 images" in r.output
+    flip_byte(out / "shard-000001.tar")
+    r = runner.invoke(app, ["shards", "verify", str(out)])
+    assert r.exit_code == 1
+    assert "shard-000001.tar: checksum mismatch" in r.output
+    r = runner.invoke(app, ["shards", "verify", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "no shard set" in r.output
+
+
+def test_cli_help():
+    r = CliRunner().invoke(app, ["shards", "--help"])
+    assert r.exit_code == 0 and "info" in r.output and "verify" in r.output
+    r = CliRunner().invoke(app, ["shards", "verify", "--help"])
+    assert r.exit_code == 0 and "manifest" in r.output
