@@ -101,10 +101,20 @@ def shards_verify(
 
     Prints "ok: N shards, M images" when sound; otherwise prints each fault and exits with code 1.
     """
+    from rich.console import Console
+    from rich.progress import Progress
+
     from regionspot.shards.manifest import read_manifest
     from regionspot.shards.verify import verify_shardset
 
-    faults = verify_shardset(directory)
+    err = Console(stderr=True)
+    try:
+        total = len(read_manifest(directory)["shards"])
+    except (RegionSpotError, KeyError, TypeError):
+        total = None  # verify_shardset names the fault
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("verifying shards", total=total)
+        faults = verify_shardset(directory, on_shard=lambda name: bar.advance(task))
     if faults:
         for fault in faults:
             typer.echo(f"fault: {fault}")

@@ -394,8 +394,15 @@ def test_iter_batches_order(tmp_path, storage):
 def test_iter_batches_workers(tmp_path):
     shards = [make_samples(counts=(1, 2, 0, 3)), make_samples(seed=1, counts=(2, 0, 1, 1), start=4)]
     out = build_set(tmp_path / "set", "wds", shards)
-    keys = [b.keys for b, _ in iter_batches(ShardSet(out), batch_size=2, num_workers=2)]
-    assert keys == [["0000", "0001"], ["0004", "0005"], ["0002", "0003"], ["0006", "0007"]]
+    ss = ShardSet(out)
+    straight = [b.keys for b, _ in iter_batches(ss, batch_size=2)]
+    assert straight == [["0000", "0001"], ["0002", "0003"], ["0004", "0005"], ["0006", "0007"]]
+    assert [b.keys for b, _ in iter_batches(ss, batch_size=2, num_workers=2)] == straight
+    # short batches at shard ends (a batch never spans two shards)
+    odd = [b.keys for b, _ in iter_batches(ss, batch_size=3, num_workers=2)]
+    assert odd == [["0000", "0001", "0002"], ["0003"], ["0004", "0005", "0006"], ["0007"]]
+    three = [b.keys for b, _ in iter_batches(ss, batch_size=3)]
+    assert three == odd
 
 
 # --- verify and CLI ---------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ TEMPLATES = "{}. + openai-imagenet-80"
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON under a temporary name and rename it into place, so readers never see half a file."""
+    """Write `obj` as JSON to `path` under a temporary name and rename it into place, so readers
+    never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
@@ -28,8 +29,27 @@ def write_json_atomic(path: Path, obj) -> None:
 def build_manifest(
     identity: dict, records: list[dict], vocabulary: list[dict], extra: dict | None = None
 ) -> dict:
-    """The manifest of a finished run, from its identity and the per-shard records (in shard order)."""
+    """The manifest of a finished run (layout: DESIGN.md §4).
+
+    Args:
+        identity: the run identity: dataset (name, sources), proposals, backbones, run, storage.
+        records: one per shard, `{"index", "name", "samples", "regions", "bytes", "sha256",
+            "skipped": [{"key", "reason"}]}`, shards 0..n-1 in any order.
+        vocabulary: `{"id", "name", "synonyms", "frequency"}` per label index.
+        extra: optional "dataset_stats" (-> dataset.stats), "proposals" (replaces identity's), and
+            any other top-level keys to add.
+    Raises:
+        RegionSpotError when the records do not cover shards 0..n-1 exactly once.
+    """
     records = sorted(records, key=lambda r: r["index"])
+    indices = [r["index"] for r in records]
+    if indices != list(range(len(records))):
+        missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
+        repeated = sorted({i for i in indices if indices.count(i) > 1})
+        raise RegionSpotError(
+            f"shard records do not cover shards 0..{len(records) - 1} once (missing {missing[:5]}, repeated "
+            f"{repeated[:5]}); run the same 'regionspot extract' command again"
+        )
     skipped = [s for r in records for s in r.get("skipped", [])]
     extra = dict(extra or {})
     return {
@@ -54,7 +74,11 @@ def build_manifest(
 
 
 def read_manifest(path: Path) -> dict:
-    """The manifest of the shard set at `path`, checked for format and version."""
+    """The manifest of the shard set directory `path`, checked for format and version.
+
+    Raises RegionSpotError naming the fix: no directory or no shards ("run 'regionspot extract'
+    first"), shards but no manifest (the extraction has not finished), invalid JSON, another format
+    or schema version."""
     path = Path(path)
     file = path / MANIFEST
     if not file.is_file():

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from regionspot.errors import RegionSpotError
+
 FORMAT = "regionspot-shards"
 SCHEMA_VERSION = 1
 SAM_DIM = 256
@@ -60,8 +62,10 @@ class Sample:
     def problems(self) -> list[str]:
         """Every way this sample breaks the schema, as short phrases (empty when valid)."""
         out = []
-        if "." in str(self.key) or not str(self.key):
-            out.append(f"key {self.key!r} is empty or contains '.'")
+        key = str(self.key)
+        if not key or "." in key or "/" in key:
+            # webdataset splits member names at the first '.'; '/' would make a tar directory
+            out.append(f"key {self.key!r} is empty or contains '.' or '/'")
         n = None
         for name, (dtype, ndim) in ARRAY_FIELDS.items():
             a = getattr(self, name)
@@ -79,9 +83,37 @@ class Sample:
         t = self.sam_tokens
         if isinstance(t, np.ndarray) and t.ndim == 3 and t.shape[2] != SAM_DIM:
             out.append(f"sam_tokens width is {t.shape[2]}, expected {SAM_DIM}")
+        iou = self.sam_iou
+        if isinstance(t, np.ndarray) and isinstance(iou, np.ndarray) and t.ndim == 3 and iou.ndim == 2:
+            if iou.shape[1] != t.shape[1]:
+                out.append(f"sam_iou has {iou.shape[1]} tokens, sam_tokens {t.shape[1]}")
         if self.masks is not None and n is not None and len(self.masks) != n:
             out.append(f"{len(self.masks)} masks for {n} regions")
         return out
+
+
+class ShardGuard:
+    """What a writer checks before accepting a sample: the schema, a key not seen before in this
+    shard, and the token count T and CLIP map shape [L, C] of the shard's first sample (a shard is
+    stacked per field, so they must agree)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.keys: set[str] = set()
+        self.shapes: tuple | None = None  # (T, L, C) of the first sample
+
+    def __call__(self, sample: Sample) -> None:
+        problems = sample.problems()
+        if sample.key in self.keys:
+            problems.append(f"key {sample.key!r} already written to this shard")
+        if not problems:
+            shapes = (sample.sam_tokens.shape[1], *sample.clip_map.shape)
+            if self.shapes is not None and shapes != self.shapes:
+                problems.append(f"(T, L, C) = {shapes}, the shard's first sample has {self.shapes}")
+            self.shapes = self.shapes or shapes
+        if problems:
+            raise RegionSpotError(f"{self.path}: cannot write sample {sample.key!r}: {'; '.join(problems)}")
+        self.keys.add(sample.key)
 
 
 def shard_name(index: int, storage: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.manifest import read_manifest
+from regionspot.shards.manifest import MANIFEST, read_manifest
 from regionspot.shards.schema import Sample
 from regionspot.shards.storage import read_shard
 
@@ -24,34 +24,49 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Fields that decide what the features are, named first; weights hashes and tags/paths follow, since
+# they explain a fingerprint difference only when no model field does.
+_WHY_LAST = ("weights_sha256", "pretrained", "checkpoint")
+_NEVER = ("fingerprint", "imported")
+
+
 def backbone_differences(a: dict, b: dict) -> list[str]:
-    """The fields in which two manifests' "backbones" sections differ (paths and tags excluded)."""
-    ignore = ("pretrained", "checkpoint", "weights_sha256", "fingerprint", "imported")
+    """How two manifests' "backbones" sections differ, as "clip.model differs: X vs Y" phrases:
+    model fields (model, tokens, image_size, width, ...) first, then weights hashes and tags."""
     fa, fb = _flatten(a), _flatten(b)
-    return [
-        f"{k} differs: {fa.get(k)} vs {fb.get(k)}"
-        for k in sorted(set(fa) | set(fb))
-        if not k.endswith(ignore) and fa.get(k) != fb.get(k)
-    ]
+    keys = [k for k in sorted(set(fa) | set(fb)) if not k.endswith(_NEVER) and fa.get(k) != fb.get(k)]
+    keys.sort(key=lambda k: k.endswith(_WHY_LAST))
+    return [f"{k} differs: {fa.get(k)} vs {fb.get(k)}" for k in keys]
 
 
 class ShardSet:
-    """The shard set in directory `path`.
+    """The shard set in directory `path`, read through its manifest (nothing else is opened yet).
 
     Attributes: manifest (dict), path, vocabulary (list of {id, name, synonyms, frequency}),
-    fingerprint, backbones (the manifest section), logit_scale, num_images, num_regions, shard_paths.
+    fingerprint, backbones (the manifest section), logit_scale, num_images, num_regions, shard_paths,
+    shard_samples (images per shard, manifest order), tokens (T), storage.
+    Raises RegionSpotError when the manifest is missing, malformed, or lists shards that are missing.
     """
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.vocabulary: list[dict] = self.manifest["vocabulary"]
-        self.backbones: dict = self.manifest["backbones"]
-        self.fingerprint: str = self.backbones["fingerprint"]
-        self.logit_scale = float(self.backbones["clip"]["logit_scale"])
-        self.num_images = int(self.manifest["dataset"]["images"])
-        self.num_regions = int(self.manifest["dataset"]["regions"])
-        self.shard_paths = [self.path / s["name"] for s in self.manifest["shards"]]
+        try:
+            self.vocabulary: list[dict] = self.manifest["vocabulary"]
+            self.backbones: dict = self.manifest["backbones"]
+            self.fingerprint: str = self.backbones["fingerprint"]
+            self.logit_scale = float(self.backbones["clip"]["logit_scale"])
+            self.tokens = int(self.backbones["sam"]["tokens"])
+            self.storage: str = self.manifest["storage"]
+            self.num_images = int(self.manifest["dataset"]["images"])
+            self.num_regions = int(self.manifest["dataset"]["regions"])
+            self.shard_paths = [self.path / s["name"] for s in self.manifest["shards"]]
+            self.shard_samples = [int(s["samples"]) for s in self.manifest["shards"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise RegionSpotError(
+                f"{self.path / MANIFEST}: malformed manifest (field {e} missing or invalid); "
+                "re-run the extraction that wrote it"
+            ) from e
         missing = [p.name for p in self.shard_paths if not p.exists()]
         if missing:
             raise RegionSpotError(
@@ -71,7 +86,12 @@ class ShardSet:
         file = self.path / self.manifest["text_embeddings"]["file"]
         if not file.is_file():
             raise RegionSpotError(f"{file} is missing; re-run the extraction that wrote {self.path}")
-        text = np.load(file, allow_pickle=False)
+        try:
+            text = np.load(file, allow_pickle=False)
+        except ValueError as e:
+            raise RegionSpotError(
+                f"{file}: unreadable ({e}); re-run the extraction that wrote {self.path}"
+            ) from e
         if text.dtype != np.float32 or text.ndim != 2 or text.shape[0] != len(self.vocabulary):
             raise RegionSpotError(
                 f"{file}: {text.dtype}{list(text.shape)}, expected float32 [{len(self.vocabulary)}, D]"
@@ -89,9 +109,28 @@ class ShardSet:
             yield from read_shard(self.shard_paths[i])
 
     def check_fingerprint(
-        self, fingerprint: str, against: str = "the checkpoint", backbones: dict | None = None
-    ):
-        """Refuse features from other backbones than `against`'s, naming the field that differs."""
+        self,
+        fingerprint: str | dict | ShardSet,
+        against: str = "the checkpoint",
+        backbones: dict | None = None,
+    ) -> None:
+        """Refuse features from other backbones than `against`'s, naming the fields that differ.
+
+        Args:
+            fingerprint: the other side's backbones fingerprint, or its whole "backbones" section
+                (a dict with "fingerprint"), or another ShardSet (e.g. one it is mixed with).
+            against: how the message names the other side ("the checkpoint", "--init", ...).
+            backbones: the other side's "backbones" section when `fingerprint` is a string; with it
+                (or a dict / ShardSet) the message names each differing field.
+        Raises:
+            RegionSpotError when the fingerprints differ.
+        """
+        if isinstance(fingerprint, ShardSet):
+            if against == "the checkpoint":
+                against = str(fingerprint.path)
+            fingerprint, backbones = fingerprint.fingerprint, fingerprint.backbones
+        elif isinstance(fingerprint, dict):
+            fingerprint, backbones = fingerprint.get("fingerprint"), fingerprint
         if fingerprint == self.fingerprint:
             return
         detail = ""
@@ -100,5 +139,15 @@ class ShardSet:
             detail = f" ({'; '.join(diffs)})" if diffs else " (same models, different weights)"
         raise RegionSpotError(
             f"{self.path} was extracted with other backbones than {against}{detail}: backbones fingerprint "
-            f"{self.fingerprint[:12]} vs {fingerprint[:12]}; extract with the same backbones"
+            f"{str(self.fingerprint)[:12]} vs {str(fingerprint)[:12]}; extract with the same backbones"
         )
+
+
+def check_mixable(sets: Sequence[ShardSet]) -> None:
+    """Refuse shard sets that cannot be trained together: another backbones fingerprint than the
+    first set's (naming the differing fields) or an empty set."""
+    for s in sets:
+        if s.num_images == 0:
+            raise RegionSpotError(f"{s.path}: the shard set holds no images; extract a non-empty dataset")
+    for s in sets[1:]:
+        s.check_fingerprint(sets[0], against=str(sets[0].path))
