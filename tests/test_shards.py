@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from regionspot.cli import app
 from regionspot.errors import RegionSpotError
-from regionspot.shards.loader import Batch, collate, iter_batches
+from regionspot.shards.loader import Batch, batch_plan, collate, iter_batches, read_shard_samples
 from regionspot.shards.manifest import (
     MANIFEST,
     TEXT_EMBEDDINGS,
@@ -24,8 +25,8 @@ from regionspot.shards.manifest import (
     write_json_atomic,
 )
 from regionspot.shards.schema import ARRAY_FIELDS, SAM_DIM, Sample, record_name, shard_name
-from regionspot.shards.shardset import ShardSet
-from regionspot.shards.storage import open_writer, read_shard, shard_checksum
+from regionspot.shards.shardset import ShardSet, check_mixable
+from regionspot.shards.storage import iter_shard, open_writer, read_shard, shard_checksum
 from regionspot.shards.verify import shardset_info, verify_shardset
 
 L, C = 5, 8
@@ -36,7 +37,9 @@ VOCAB = [
 ]
 
 
-def make_sample(rng: np.random.Generator, key: str, n: int, t: int = 1, masks: bool = False, image_id=None) -> Sample:
+def make_sample(
+    rng: np.random.Generator, key: str, n: int, t: int = 1, masks: bool = False, image_id=None
+) -> Sample:
     xy = rng.uniform(0, 50, (n, 2))
     wh = rng.uniform(1, 50, (n, 2))
     return Sample(
@@ -55,7 +58,9 @@ def make_sample(rng: np.random.Generator, key: str, n: int, t: int = 1, masks: b
     )
 
 
-def make_samples(seed: int = 0, counts=(3, 0, 5, 1, 0), t: int = 1, masks: bool = True, start: int = 0) -> list[Sample]:
+def make_samples(
+    seed: int = 0, counts=(3, 0, 5, 1, 0), t: int = 1, masks: bool = True, start: int = 0
+) -> list[Sample]:
     rng = np.random.default_rng(seed)
     return [make_sample(rng, f"{start + i:04d}", n, t, masks) for i, n in enumerate(counts)]
 
@@ -74,7 +79,13 @@ def identity(storage: str, clip_model: str = "ViT-B-16", fingerprint: str = "f" 
         "proposals": {"source": "gt"},
         "backbones": {
             "sam": {"model": "vit_b", "tokens": 1},
-            "clip": {"model": clip_model, "image_size": 224, "width": C, "embed_dim": 4, "logit_scale": 100.0},
+            "clip": {
+                "model": clip_model,
+                "image_size": 224,
+                "width": C,
+                "embed_dim": 4,
+                "logit_scale": 100.0,
+            },
             "fingerprint": fingerprint,
         },
         "run": {"shard_size": 4, "limit": None, "max_boxes": None, "masks": True},
@@ -90,8 +101,15 @@ def build_set(out: Path, storage: str, shards: list[list[Sample]], **ident) -> P
         name = shard_name(i, storage)
         write_shard(storage, out / name, samples)
         sha, nbytes = shard_checksum(out / name)
-        record = {"index": i, "name": name, "samples": len(samples),
-                  "regions": sum(s.num_regions for s in samples), "bytes": nbytes, "sha256": sha, "skipped": []}
+        record = {
+            "index": i,
+            "name": name,
+            "samples": len(samples),
+            "regions": sum(s.num_regions for s in samples),
+            "bytes": nbytes,
+            "sha256": sha,
+            "skipped": [],
+        }
         write_json_atomic(out / record_name(i), record)
         records.append(record)
     text = np.random.default_rng(0).standard_normal((len(VOCAB), 4)).astype(np.float32)
@@ -227,7 +245,10 @@ class _Payload:
 def test_wds_ignores_pickle_members(tmp_path):
     path = write_shard("wds", tmp_path / "shard-000000.tar", make_samples(counts=(2, 1)))
     with tarfile.open(path, "a") as tar:
-        for name, data in (("0001.evil.pyd", pickle.dumps(_Payload())), ("0001.evil.pth", pickle.dumps(_Payload()))):
+        for name, data in (
+            ("0001.evil.pyd", pickle.dumps(_Payload())),
+            ("0001.evil.pth", pickle.dumps(_Payload())),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -235,7 +256,9 @@ def test_wds_ignores_pickle_members(tmp_path):
     back = list(read_shard(path))
     assert [s.key for s in back] == ["0000", "0001"]
     assert UNPICKLED == []
-    assert pickle.loads(pickle.dumps(_Payload())) == "payload" and UNPICKLED == ["payload"]  # the payload is live
+    assert pickle.loads(pickle.dumps(_Payload())) == "payload" and UNPICKLED == [
+        "payload"
+    ]  # the payload is live
 
 
 def test_wds_object_array_raises(tmp_path):
@@ -386,7 +409,13 @@ def test_iter_batches_order(tmp_path, storage):
     shards = [make_samples(counts=(1, 2, 0, 3, 1)), make_samples(seed=1, counts=(2, 0, 1), start=5)]
     out = build_set(tmp_path / "set", storage, shards)
     batches = list(iter_batches(ShardSet(out), batch_size=2))
-    assert [b.keys for b, _ in batches] == [["0000", "0001"], ["0002", "0003"], ["0004"], ["0005", "0006"], ["0007"]]
+    assert [b.keys for b, _ in batches] == [
+        ["0000", "0001"],
+        ["0002", "0003"],
+        ["0004"],
+        ["0005", "0006"],
+        ["0007"],
+    ]
     for b, samples in batches:
         assert b.keys == [s.key for s in samples]
 
@@ -413,7 +442,11 @@ def test_verify(tmp_path, storage):
     out = build_set(tmp_path / "set", storage, [make_samples(), make_samples(seed=1, start=5)])
     assert verify_shardset(out) == []
     target = out / shard_name(1, storage)
-    files = [target] if target.is_file() else sorted((f for f in target.rglob("*") if f.is_file()), key=lambda f: -f.stat().st_size)
+    files = (
+        [target]
+        if target.is_file()
+        else sorted((f for f in target.rglob("*") if f.is_file()), key=lambda f: -f.stat().st_size)
+    )
     flip_byte(files[0])
     faults = verify_shardset(out)
     assert len(faults) == 1 and faults[0].startswith(f"{target.name}: checksum mismatch")
@@ -446,7 +479,13 @@ def test_verify_no_manifest(tmp_path):
 def test_shardset_info(tmp_path):
     out = build_set(tmp_path / "set", "zarr", [make_samples(), make_samples(start=5)])
     info = shardset_info(out)
-    assert (info["dataset"], info["storage"], info["shards"], info["images"], info["regions"]) == ("unit", "zarr", 2, 10, 18)
+    assert (info["dataset"], info["storage"], info["shards"], info["images"], info["regions"]) == (
+        "unit",
+        "zarr",
+        2,
+        10,
+        18,
+    )
     assert info["vocabulary"] == 3 and info["sam"] == "vit_b (tokens 1)" and info["clip"] == "ViT-B-16 @224"
 
 
@@ -473,3 +512,199 @@ def test_cli_help():
     assert r.exit_code == 0 and "info" in r.output and "verify" in r.output
     r = CliRunner().invoke(app, ["shards", "verify", "--help"])
     assert r.exit_code == 0 and "manifest" in r.output
+
+
+# --- offsets, writer checks, atomic replace ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_read_from_offset(tmp_path, storage):
+    samples = make_samples(counts=(3, 0, 5, 1, 0, 2), t=3)
+    path = write_shard(storage, tmp_path / shard_name(0, storage), samples)
+    for start, stop in ((0, None), (2, None), (2, 4), (5, None), (6, None), (9, None)):
+        back = list(read_shard(path, start, stop))
+        want = samples[start:stop]
+        assert [s.key for s in back] == [s.key for s in want]
+        for a, b in zip(want, back, strict=True):
+            assert_same(a, b)
+    assert [s.key for s in read_shard_samples(path, start=4)] == ["0004", "0005"]
+    kept = [(i, s.key) for i, s in iter_shard(path, 1, keep=lambda i: i % 2 == 1)]
+    assert kept == [(1, "0001"), (3, "0003"), (5, "0005")]
+
+
+def test_wds_offset_skips_earlier_members_unread(tmp_path):
+    path = write_shard("wds", tmp_path / "shard-000000.tar", make_samples(counts=(4, 2, 3)))
+    with tarfile.open(path) as tar:
+        member = tar.getmember("0000.clip_map.npy")
+    data = bytearray(path.read_bytes())
+    data[member.offset_data : member.offset_data + 8] = b"garbage!"  # breaks the .npy magic of sample 0
+    path.write_bytes(bytes(data))
+    with pytest.raises(RegionSpotError, match="unreadable shard"):
+        list(read_shard(path))
+    assert [s.key for s in read_shard(path, start=1)] == ["0001", "0002"]
+
+
+@pytest.mark.parametrize("key", ["x" * 180, "bild-ü-12"])
+def test_wds_long_and_unicode_keys(tmp_path, key):
+    rng = np.random.default_rng(4)
+    samples = [make_sample(rng, key, 2, image_id=key), make_sample(rng, "b", 1, image_id="b")]
+    a = write_shard("wds", tmp_path / "shard-000000.tar", samples)
+    (tmp_path / "again").mkdir()
+    b = write_shard("wds", tmp_path / "again" / "shard-000000.tar", samples)
+    assert a.read_bytes() == b.read_bytes()
+    for x, y in zip(samples, read_shard(a), strict=True):
+        assert_same(x, y)
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_writer_refuses_bad_samples(tmp_path, storage):
+    good = make_samples(counts=(2,))[0]
+    cases = {
+        "contains '.'": dict(key="a.b"),
+        "sam_tokens is float32": dict(sam_tokens=good.sam_tokens.astype(np.float32)),
+        "already written": dict(),
+        "(T, L, C) = (3, 5, 8), the shard's first sample has (1, 5, 8)": dict(
+            key="c", sam_tokens=np.zeros((2, 3, SAM_DIM), np.float16), sam_iou=np.zeros((2, 3), np.float16)
+        ),
+        "(T, L, C) = (1, 6, 8)": dict(key="d", clip_map=np.zeros((6, C), np.float16)),
+        "3 rows, expected 2": dict(labels=np.zeros(3, np.int32)),
+    }
+    for message, change in cases.items():
+        writer = open_writer(storage, tmp_path / shard_name(0, storage))
+        writer.write(good)
+        bad = Sample(**{**good.__dict__, **change})
+        with pytest.raises(RegionSpotError, match=re.escape(message)):
+            writer.write(bad)
+        writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_writer_context_manager(tmp_path, storage):
+    final = tmp_path / shard_name(0, storage)
+    with pytest.raises(RuntimeError), open_writer(storage, final) as writer:
+        writer.write(make_samples()[0])
+        raise RuntimeError("killed mid-shard")
+    assert list(tmp_path.iterdir()) == []
+    with open_writer(storage, final) as writer:
+        for s in make_samples():
+            writer.write(s)
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_writer_replaces_existing_shard(tmp_path, storage):
+    final = tmp_path / shard_name(0, storage)
+    write_shard(storage, final, make_samples(seed=1))
+    write_shard(storage, final, make_samples(seed=2, counts=(1, 1)))
+    assert [s.num_regions for s in read_shard(final)] == [1, 1]
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+# --- manifest, fingerprints, mixing -----------------------------------------------------------------
+
+
+def test_manifest_layout(tmp_path):
+    out = build_set(tmp_path / "set", "zarr", [make_samples(), make_samples(start=5)])
+    m = read_manifest(out)
+    assert list(m) == [
+        "format", "version", "storage", "dataset", "proposals", "vocabulary", "backbones", "run",
+        "text_embeddings", "shards",
+    ]  # fmt: skip
+    assert m["storage"] == "zarr" and m["dataset"]["sources"]["annotations"] == "unit.json"
+    assert m["text_embeddings"]["file"] == TEXT_EMBEDDINGS
+    assert set(m["shards"][0]) == {"name", "samples", "regions", "bytes", "sha256"}
+
+
+def test_build_manifest_needs_every_record():
+    rec = {"name": "shard-000000.tar", "samples": 1, "regions": 1, "bytes": 1, "sha256": "0", "skipped": []}
+    records = [{**rec, "index": 0}, {**rec, "index": 2}]
+    with pytest.raises(RegionSpotError, match=r"missing \[1\]"):
+        build_manifest(identity("wds"), records, VOCAB)
+    skipped = [{"key": "9", "reason": "cannot decode"}]
+    m = build_manifest(identity("wds"), [{**rec, "index": 1, "skipped": skipped}, {**rec, "index": 0}], VOCAB,
+                       {"dataset_stats": {"crowd_skipped": 2}, "proposals": {"source": "glip.json"}})  # fmt: skip
+    assert m["dataset"]["skipped"] == skipped and m["dataset"]["stats"] == {"crowd_skipped": 2}
+    assert m["proposals"] == {"source": "glip.json"} and m["dataset"]["images"] == 2
+
+
+def test_malformed_manifest(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples()])
+    m = json.loads((out / MANIFEST).read_text())
+    del m["backbones"]
+    write_json_atomic(out / MANIFEST, m)
+    with pytest.raises(RegionSpotError, match="malformed manifest.*backbones"):
+        ShardSet(out)
+
+
+def test_fingerprint_from_sections_and_sets(tmp_path):
+    a = ShardSet(build_set(tmp_path / "a", "wds", [make_samples()]))
+    b = ShardSet(
+        build_set(tmp_path / "b", "wds", [make_samples()], clip_model="ViT-L-14", fingerprint="e" * 64)
+    )
+    with pytest.raises(RegionSpotError, match="clip.model differs: ViT-B-16 vs ViT-L-14"):
+        a.check_fingerprint(b.backbones, against="--init")
+    with pytest.raises(
+        RegionSpotError, match=f"other backbones than {re.escape(str(b.path))} .*clip.model differs"
+    ):
+        a.check_fingerprint(b)
+    with pytest.raises(RegionSpotError, match="clip.model differs"):
+        check_mixable([a, b])
+    check_mixable([a, ShardSet(build_set(tmp_path / "c", "zarr", [make_samples()]))])  # same fingerprint
+    other = identity("wds", fingerprint="d" * 64)["backbones"]
+    other["clip"]["weights_sha256"], other["clip"]["pretrained"] = "1" * 64, "laion2b"
+    with pytest.raises(RegionSpotError) as e:
+        a.check_fingerprint(other)
+    assert "clip.pretrained differs: None vs laion2b" in str(e.value) and "weights_sha256 differs" in str(
+        e.value
+    )
+
+
+# --- loader details ---------------------------------------------------------------------------------
+
+
+def test_collate_refuses_mixed_backbones():
+    one, three = make_samples(counts=(1,), t=1)[0], make_samples(counts=(1,), t=3, start=1)[0]
+    with pytest.raises(RegionSpotError, match="cannot batch sample '0001'"):
+        collate([one, three])
+    assert collate([]).sam_tokens.shape[0] == 0
+
+
+def test_batch_to_keeps_boxes_precise():
+    b = collate(make_samples(counts=(2, 1))).to("cpu", torch.bfloat16)
+    assert b.sam_tokens.dtype == b.clip_map.dtype == b.sam_iou.dtype == torch.bfloat16
+    assert b.boxes.dtype == b.scores.dtype == torch.float32
+
+
+def test_batch_plan(tmp_path):
+    out = build_set(
+        tmp_path / "set", "wds", [make_samples(counts=(1, 2, 0)), make_samples(counts=(1,), start=3)]
+    )
+    assert batch_plan(ShardSet(out), 2) == [(0, 0, 2), (0, 2, 3), (1, 0, 1)]
+    with pytest.raises(RegionSpotError, match="batch size 0"):
+        batch_plan(ShardSet(out), 0)
+
+
+# --- verify details ---------------------------------------------------------------------------------
+
+
+def test_verify_content_faults(tmp_path):
+    first, second = make_samples(), make_samples(seed=1, start=4)  # key 0004 in both shards
+    first[2].labels[0] = len(VOCAB)  # outside the vocabulary
+    out = build_set(tmp_path / "set", "wds", [first, second])
+    record = json.loads((out / record_name(1)).read_text())
+    write_json_atomic(out / record_name(1), {**record, "sha256": "0" * 64})
+    text = np.load(out / TEXT_EMBEDDINGS)
+    np.save(out / TEXT_EMBEDDINGS, text * 2)
+    faults = verify_shardset(out)
+    assert "shard-000000.tar: sample 0002: labels outside [-1, 3)" in faults
+    assert "shard-000001.tar: sample 0004: key also in shard-000000.tar" in faults
+    assert "shard-000001.json: sha256 differ from the manifest" in faults
+    assert any(f.startswith(f"{TEXT_EMBEDDINGS}: rows are not L2-normalised") for f in faults)
+    assert len(faults) == 4, faults
+
+
+def test_verify_token_count_against_manifest(tmp_path):
+    out = build_set(tmp_path / "set", "zarr", [make_samples(t=3, counts=(1, 0))])  # manifest says tokens 1
+    assert verify_shardset(out) == ["shard-000000.zarr: sample 0000: 3 SAM tokens per region, manifest says 1",
+                                    "shard-000000.zarr: sample 0001: 3 SAM tokens per region, manifest says 1"]  # fmt: skip
