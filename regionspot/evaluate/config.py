@@ -117,6 +117,10 @@ class EvalConfig:
         ckpt = Path(self.checkpoint).resolve()
         if ckpt.is_file() and ckpt.name == "head.safetensors":
             ckpt = ckpt.parent
+        if ckpt.is_dir() and (ckpt / "checkpoints" / "last").is_file():  # a run directory
+            ckpt = ckpt / "checkpoints" / "last"
+        if ckpt.name == "last" and ckpt.is_file():  # a text file naming the newest step directory
+            ckpt = ckpt.parent / ckpt.read_text().strip()
         if ckpt.parent.name == "checkpoints":  # runs/NAME/checkpoints/step-N
             return ckpt.parent.parent / "eval" / f"{ckpt.name}-{what}"
         return Path("eval") / f"{ckpt.stem}-{what}"

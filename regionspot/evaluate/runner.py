@@ -151,19 +151,23 @@ def _device(name: str) -> torch.device:
 
 def _load_head(cfg: EvalConfig, spec):
     """The head, the backbones fingerprint it belongs to, and what to record about it."""
-    from regionspot.models.checkpoint import load_head
+    from regionspot.models.checkpoint import load_head, resolve_checkpoint
 
-    path = Path(cfg.checkpoint)
-    imported_fp = None
-    if path.is_file() and path.suffix in (".pth", ".pt"):  # an official checkpoint: it takes --backbones'
-        from regionspot.models.presets import load_backbones
-
-        imported_fp = load_backbones(spec, device="cpu").fingerprint
-    head, fingerprint, imported = load_head(path, fingerprint_if_imported=imported_fp)
-    info = {"path": str(path), "fingerprint": fingerprint, "imported": bool(imported)}
-    if hasattr(head, "config"):
-        info["head"] = head.config()
+    file = resolve_checkpoint(cfg.checkpoint)
+    backbones_fp = None
+    if file.suffix != ".safetensors":  # an official .pth: it takes the fingerprint of --backbones
+        backbones_fp = _backbones_fingerprint(spec)
+    head, fingerprint, imported = load_head(file, fingerprint_if_imported=backbones_fp)
+    if not fingerprint:  # a converted official checkpoint saved without one
+        fingerprint = _backbones_fingerprint(spec)
+    info = {"path": str(file), "fingerprint": fingerprint, "imported": bool(imported), "head": head.config()}
     return head, fingerprint, info
+
+
+def _backbones_fingerprint(spec) -> str:
+    from regionspot.models.presets import load_backbones
+
+    return load_backbones(spec, device="cpu").fingerprint
 
 
 def _select(cfg: EvalConfig, probs: torch.Tensor, sample, dets: Detections) -> None:
