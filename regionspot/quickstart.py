@@ -54,7 +54,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         run = run_train(TrainConfig(
             shards=[shards["toy"]], out=out / name, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
             warmup_steps=min(50, cfg.steps // 10), lr_drop_steps=[], save_every=cfg.steps, seed=cfg.seed,
-            shuffle_labels=control, workers=0,
+            shuffle_labels=control,
         ))
         console.rule(f"evaluate the {name} on toy_val (GT boxes)")
         result = run_eval(EvalConfig(
