@@ -166,14 +166,12 @@ class RegionPredictor:
                 backbones, sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained, **overrides
             )
         checkpoint = Path(checkpoint)
-        if not checkpoint.exists():
-            raise RegionSpotError(
-                f"checkpoint {checkpoint} does not exist; pass a checkpoint directory, a head.safetensors "
-                "or an official RegionSpot .pth"
-            )
         device = torch.device(device) if device is not None else _default_device()
+        # the head first: a wrong checkpoint is reported before the (slow) backbones load
+        head, fingerprint, imported = load_head(checkpoint)
         loaded = load_backbones(spec, device=device)
-        head, fingerprint, imported = load_head(checkpoint, fingerprint_if_imported=loaded.fingerprint)
+        if imported and not fingerprint:  # an official .pth takes the chosen backbones' fingerprint
+            fingerprint = loaded.fingerprint
         check_compatible(head, fingerprint, loaded, checkpoint, spec)
         return cls(loaded, head, device=device, imported=imported)
 
@@ -304,13 +302,16 @@ class RegionPredictor:
         [N, D] or None, attention [N, L] or None)."""
         from regionspot.models.scoring import region_probabilities
 
-        logits = self.head(tokens[None], clip_map[None], self._text)[0]  # (N, T, K)
+        everything = torch.ones(1, len(tokens), dtype=torch.bool, device=tokens.device)  # (1, N) no padding
+        logits = self.head(tokens[None], clip_map[None], self._text, region_mask=everything)[0]  # (N, T, K)
         probs = region_probabilities(logits, iou)  # (N, K): the best token's softmax, as evaluation does
         # the token region_probabilities kept (argmax, first on ties), for the mask, embedding, attention
         chosen = iou.argmax(-1) if iou.shape[1] > 1 else torch.zeros(len(iou), dtype=torch.long)
         embeds = attn = None
         if want_embeddings or want_attention:
-            result = self.head.embed(tokens[None], clip_map[None], return_attention=want_attention)
+            result = self.head.embed(
+                tokens[None], clip_map[None], region_mask=everything, return_attention=want_attention
+            )
             emb, att = result if want_attention else (result, None)
             rows = torch.arange(len(tokens), device=tokens.device)
             emb = emb[0]  # (N, T, D)

@@ -340,7 +340,9 @@ class Summary:
         """Print a per-image problem; after `limit` of them only count (the summary line has totals)."""
         self.warnings += 1
         if self.warnings <= limit:
-            console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+            from rich.markup import escape
+
+            console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
         elif self.warnings == limit + 1:
             console.print("[yellow]warning:[/] further problems are only counted in the summary")
 
@@ -438,7 +440,7 @@ def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) 
             progress.update(task, advance=len(chunk))
     if summary.images == 0:
         raise RegionSpotError(f"none of the {len(plan.paths)} image(s) could be read; see the messages above")
-    console.print(f"{summary.line()}; outputs in {cfg.out}")
+    console.print(f"{summary.line()}; outputs in {cfg.out}", markup=False, highlight=False, soft_wrap=True)
     return summary
 
 
@@ -448,7 +450,7 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
 
     cfg, path = plan.cfg, plan.paths[index]
     height, width = features.size
-    record = {"image": str(path), "width": width, "height": height}
+    record = {"image": str(path), "width": width, "height": height, "regions": []}
     proposal_scores = None
     if plan.points is not None:
         inside = (plan.points[:, 0] <= width) & (plan.points[:, 1] <= height)

@@ -164,6 +164,7 @@ def tiny():
 def checkpoint(tiny, tmp_path_factory):
     """A head checkpoint directory for the tiny backbones, as training saves it."""
     import torch
+
     from regionspot.models.checkpoint import save_head
     from regionspot.models.head import RegionSpotHead
 
@@ -265,7 +266,6 @@ def test_embeddings_attention_and_errors(predictor, tiny, toy_root):
 def test_checkpoint_of_other_backbones_is_refused(tiny, tmp_path):
     from regionspot.models.checkpoint import save_head
     from regionspot.models.head import RegionSpotHead
-
     from regionspot.predict import RegionPredictor
 
     save_head(RegionSpotHead(tiny.clip.width, tiny.clip.embed_dim, ff_dim=128), tmp_path / "other", "f" * 64)
@@ -354,3 +354,32 @@ def test_cli_boxes_file_points_and_no_masks(tmp_path, toy_root, checkpoint):
         h,
         w,
     ]
+
+
+def test_official_checkpoint_is_imported_with_the_chosen_backbones(tiny, checkpoint, tmp_path, toy_root):
+    """A .pth in the official layout (head under ckpt["model"] with the `model.` prefix, frozen SAM and
+    CLIP weights beside it) names regions exactly as the same head saved by this project."""
+    import torch
+
+    from regionspot.models.checkpoint import load_head
+    from regionspot.predict import RegionPredictor
+
+    head, _, _ = load_head(checkpoint)
+    state = head.to_official_state_dict()
+    state.update(
+        {"model.sam.image_encoder.pos_embed": torch.zeros(2), "model.clip_model.logit_scale": torch.ones(())}
+    )
+    official = tmp_path / "regionspot_tiny.pth"
+    torch.save({"model": state, "iteration": 10}, official)
+
+    image = _toy_image(toy_root)
+    boxes = [[2, 2, 30, 30], [10, 5, 60, 40]]
+    results = []
+    for source in (official, checkpoint):
+        p = RegionPredictor.from_checkpoint(source, "tiny", device="cpu")
+        assert p.imported == (source == official)
+        p.set_vocabulary(["square", "circle", "triangle"])
+        p.set_image(image)
+        results.append(p.predict(boxes=boxes, masks=False))
+    assert [r.label for r in results[0]] == [r.label for r in results[1]]
+    np.testing.assert_allclose([r.score for r in results[0]], [r.score for r in results[1]], atol=1e-6)
