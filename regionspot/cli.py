@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,24 +31,24 @@ app.add_typer(shards_app, name="shards")
 def extract(
     dataset: Annotated[str, typer.Option(help="Dataset name (o365, v3det, openimages, lvis_val, coco, toy, toy_val), "
                                          "coco:ANN.json:IMAGES or openimages:BOXES.csv:CLASSES.csv:IMAGES.")] = "toy",
-    data_root: Annotated[Optional[Path], typer.Option(help="Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Shard set directory (default: shards/DATASET).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Shard set directory (default: shards/DATASET).")] = None,
     backbones: Annotated[str, typer.Option(help="Backbone preset: bb, bl, bl336 or tiny.")] = "bl",
-    sam: Annotated[Optional[str], typer.Option(help="SAM variant: vit_b, vit_l, vit_h (overrides the preset).")] = None,
-    sam_checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights file, e.g. sam_vit_b_01ec64.pth.")] = None,
-    clip: Annotated[Optional[str], typer.Option(help="open_clip model name, e.g. ViT-L-14-quickgelu.")] = None,
-    clip_pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (openai) or a weights file.")] = None,
-    clip_size: Annotated[Optional[int], typer.Option(help="CLIP input size S (the image is resized to S x S).")] = None,
-    sam_tokens: Annotated[Optional[int], typer.Option(help="1: the single-mask token (paper); 3: the multimask tokens.")] = None,
+    sam: Annotated[str | None, typer.Option(help="SAM variant: vit_b, vit_l, vit_h (overrides the preset).")] = None,
+    sam_checkpoint: Annotated[str | None, typer.Option(help="SAM weights file, e.g. sam_vit_b_01ec64.pth.")] = None,
+    clip: Annotated[str | None, typer.Option(help="open_clip model name, e.g. ViT-L-14-quickgelu.")] = None,
+    clip_pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag (openai) or a weights file.")] = None,
+    clip_size: Annotated[int | None, typer.Option(help="CLIP input size S (the image is resized to S x S).")] = None,
+    sam_tokens: Annotated[int | None, typer.Option(help="1: the single-mask token (paper); 3: the multimask tokens.")] = None,
     masks: Annotated[bool, typer.Option(help="Also store SAM's mask per region (COCO RLE).")] = False,
     storage: Annotated[str, typer.Option(help="Shard storage: wds (tar) or zarr.")] = "wds",
     shard_size: Annotated[int, typer.Option(help="Images per shard: the unit of resume and distribution.")] = 1000,
-    proposals: Annotated[Optional[str], typer.Option(help="'gt' (annotations) or a detector's boxes: COCO results JSON or the official RegionSpot dict.")] = "gt",
-    gpus: Annotated[Optional[int], typer.Option(help="Processes, one per GPU (default: all visible; 0 = CPU).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="GPU: decoding workers per GPU (8). CPU: extraction processes (1).")] = None,
+    proposals: Annotated[str | None, typer.Option(help="'gt' (annotations) or a detector's boxes: COCO results JSON or the official RegionSpot dict.")] = "gt",
+    gpus: Annotated[int | None, typer.Option(help="Processes, one per GPU (default: all visible; 0 = CPU).")] = None,
+    workers: Annotated[int | None, typer.Option(help="GPU: decoding workers per GPU (8). CPU: extraction processes (1).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
-    limit: Annotated[Optional[int], typer.Option(help="Extract only the first N images (by key).")] = None,
-    max_boxes: Annotated[Optional[int], typer.Option(help="Keep an image's N best proposals (annotations: the N largest).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Extract only the first N images (by key).")] = None,
+    max_boxes: Annotated[int | None, typer.Option(help="Keep an image's N best proposals (annotations: the N largest).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace shards of a different run in --out.")] = False,
 ) -> None:
     """Run frozen SAM + CLIP once over a dataset and cache their outputs in shards.
@@ -127,6 +127,57 @@ def shards_verify(
 # --- end shards ---
 
 # --- train ---
+@app.command()
+def train(
+    shards: Annotated[list[Path], typer.Option(help="A shard set, or a folder of shard sets (one per dataset) to mix; repeatable.")],
+    recipe: Annotated[str | None, typer.Option(help="A recipe (bb-stage1, bb-stage2, bl-stage1, bl-stage2) or a YAML file; flags override it.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/regionspot).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps (paper: 450000).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step over all ranks (paper: 16).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (paper: 2.5e-5).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps (paper: 1000).")] = None,
+    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's head (stage 2 from stage 1).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint left it.")] = False,
+    gpus: Annotated[int | None, typer.Option(help="GPUs on this machine; more than 1 starts torchrun (DDP).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Shards read interleaved per dataset and rank.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (and at the end).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the data stream and the head's initialisation.")] = None,
+) -> None:
+    """Train the fusion head from cached features (no backbone in the loop).
+
+    Writes checkpoints (runs/NAME/checkpoints/step-N, last), TensorBoard events and metrics.jsonl.
+    """
+    from regionspot.train.config import TrainConfig, load_recipe
+
+    values = load_recipe(recipe) if recipe else {}
+    flags = dict(shards=shards, out=out, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, init=init,
+                 resume=resume or None, gpus=gpus, workers=workers, save_every=save_every, seed=seed)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    cfg = TrainConfig(**values).check()
+    if (gpus or 0) > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m", "regionspot.cli",
+               *sys.argv[1:]]
+        raise typer.Exit(subprocess.call(cmd))
+    from regionspot.train.trainer import run_train
+
+    run = run_train(cfg)
+    typer.echo(f"run: {run}  (checkpoint: {run / 'checkpoints' / 'last'})")
+
+
+@app.command("convert-official")
+def convert_official(
+    checkpoint: Annotated[Path, typer.Argument(help="An official RegionSpot .pth (regionspot_bb.pth, regionspot_bl.pth).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write (holds head.safetensors).")],
+) -> None:
+    """Convert a checkpoint released with the paper into a regionspot checkpoint directory."""
+    from regionspot.models.checkpoint import convert_official as convert
+
+    path = convert(checkpoint, output)
+    typer.echo(f"wrote {path / 'head.safetensors'}")
+
+
 # --- end train ---
 
 # --- eval ---
@@ -222,10 +273,10 @@ def predict(
 @app.command()
 def quickstart(
     out: Annotated[Path, typer.Option(help="Output folder: shards, runs, metrics.json, control_metrics.json.")] = Path("runs/quickstart"),
-    data_root: Annotated[Optional[Path], typer.Option(help="Where the toy dataset is generated (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Where the toy dataset is generated (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
     steps: Annotated[int, typer.Option(help="Training steps for the head and for the control.")] = 600,
-    train_images: Annotated[Optional[int], typer.Option(help="Use only the first N toy training images.")] = None,
-    val_images: Annotated[Optional[int], typer.Option(help="Evaluate on the first N toy_val images.")] = None,
+    train_images: Annotated[int | None, typer.Option(help="Use only the first N toy training images.")] = None,
+    val_images: Annotated[int | None, typer.Option(help="Evaluate on the first N toy_val images.")] = None,
 ) -> None:
     """The whole pipeline on a CPU in minutes: toy data, tiny random backbones, extract -> train -> eval,
     next to a control trained on shuffled labels. A pipeline check, not the paper's accuracy."""
