@@ -317,3 +317,26 @@ def test_cli_eval(toy_val, tiny_head, first_eval, tmp_path):
     assert max(per_image.values()) == 5
     bad = CliRunner().invoke(app, ["eval", "--method", "clip", "--checkpoint", str(tiny_head[0])])
     assert bad.exit_code != 0 and "--method 'clip'" in str(bad.exception)
+
+
+def test_coco_format_annotations_use_cocoeval(toy_val, tiny_head, tmp_path):
+    from regionspot.evaluate.runner import run_eval
+
+    gt = json.loads(toy_val[1].read_text())
+    for image in gt["images"]:
+        image.pop("neg_category_ids", None), image.pop("not_exhaustive_category_ids", None)
+    for cat in gt["categories"]:
+        cat.pop("frequency", None)
+    for ann in gt["annotations"]:
+        ann["iscrowd"] = 0
+    (tmp_path / "coco.json").write_text(json.dumps(gt))
+    spec = f"coco:{tmp_path / 'coco.json'}:{toy_val[1].parent.parent / 'images' / 'val'}"
+    res = run_eval(_cfg(toy_val, tiny_head, tmp_path, dataset=spec, evaluator="lvis"), show=False)
+    assert list(res.metrics["bbox"]) == ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR@1", "AR@10", "AR@100",
+                                         "ARs@100", "ARm@100", "ARl@100"]  # fmt: skip
+    fast = run_eval(
+        _cfg(toy_val, tiny_head, tmp_path, dataset=spec, evaluator="fast", out=tmp_path / "f"), show=False
+    )
+    assert fast.shards_source == "found"
+    for k, v in res.metrics["bbox"].items():
+        assert (v is None and fast.metrics["bbox"][k] is None) or abs(v - fast.metrics["bbox"][k]) < 1e-4
