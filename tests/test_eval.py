@@ -340,3 +340,16 @@ def test_coco_format_annotations_use_cocoeval(toy_val, tiny_head, tmp_path):
     assert fast.shards_source == "found"
     for k, v in res.metrics["bbox"].items():
         assert (v is None and fast.metrics["bbox"][k] is None) or abs(v - fast.metrics["bbox"][k]) < 1e-4
+
+
+def test_three_tokens_per_region(toy_val, tiny_head, tmp_path):
+    """--sam-tokens 3: the head scores each multimask token; a region takes the one SAM rates best."""
+    from regionspot.evaluate.runner import run_eval
+    from regionspot.models.checkpoint import load_head, save_head
+    from regionspot.models.presets import load_backbones, resolve_backbones
+
+    head, _, _ = load_head(tiny_head[0])
+    save_head(head, tmp_path / "t3", load_backbones(resolve_backbones("tiny", sam_tokens=3)).fingerprint)
+    res = run_eval(_cfg(toy_val, tiny_head, tmp_path, checkpoint=tmp_path / "t3", sam_tokens=3), show=False)
+    assert res.shards_source == "extracted" and res.detections > 0
+    assert json.loads((res.shards / "manifest.json").read_text())["backbones"]["sam"]["tokens"] == 3
