@@ -708,3 +708,13 @@ def test_verify_token_count_against_manifest(tmp_path):
     out = build_set(tmp_path / "set", "zarr", [make_samples(t=3, counts=(1, 0))])  # manifest says tokens 1
     assert verify_shardset(out) == ["shard-000000.zarr: sample 0000: 3 SAM tokens per region, manifest says 1",
                                     "shard-000000.zarr: sample 0001: 3 SAM tokens per region, manifest says 1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_numpy_meta_and_bytes_rle(tmp_path, storage):
+    sample = make_samples(counts=(2,))[0]
+    sample.image_id, sample.width = np.int64(7), np.int32(33)
+    sample.masks = [{"size": [4, 4], "counts": b"04L4"}, {"size": [4, 4], "counts": "1O"}]
+    back = next(read_shard(write_shard(storage, tmp_path / shard_name(0, storage), [sample])))
+    assert (back.image_id, back.width) == (7, 33) and type(back.image_id) is int
+    assert back.masks == [{"size": [4, 4], "counts": "04L4"}, {"size": [4, 4], "counts": "1O"}]

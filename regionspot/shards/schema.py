@@ -92,6 +92,18 @@ class Sample:
         return out
 
 
+def json_default(obj):
+    """JSON for what extraction code naturally hands over: numpy scalars and arrays, and the bytes
+    `counts` of pycocotools' RLEs (ASCII)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, bytes):
+        return obj.decode("ascii")
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
 class ShardGuard:
     """What a writer checks before accepting a sample: the schema, a key not seen before in this
     shard, and the token count T and CLIP map shape [L, C] of the shard's first sample (a shard is

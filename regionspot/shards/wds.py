@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.schema import ARRAY_FIELDS, META_FIELDS, Sample, ShardGuard
+from regionspot.shards.schema import ARRAY_FIELDS, META_FIELDS, Sample, ShardGuard, json_default
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -48,7 +48,7 @@ class WdsShardWriter:
     def write(self, sample: Sample) -> None:
         """Append one sample: `<key>.json`, then `<key>.<field>.npy` in ARRAY_FIELDS order."""
         self._guard(sample)
-        meta = json.dumps(sample.meta(), sort_keys=True, separators=(",", ":")).encode()
+        meta = json.dumps(sample.meta(), sort_keys=True, separators=(",", ":"), default=json_default).encode()
         self._add(f"{sample.key}.json", meta)
         for name, array in sample.arrays().items():
             self._add(f"{sample.key}.{name}.npy", _npy_bytes(array))

@@ -10,6 +10,7 @@ give the same bytes (no timestamps in zarr metadata; zstd is deterministic).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import numpy as np
 import zarr
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.schema import ARRAY_FIELDS, REGION_FIELDS, SAM_DIM, Sample, ShardGuard
+from regionspot.shards.schema import ARRAY_FIELDS, REGION_FIELDS, SAM_DIM, Sample, ShardGuard, json_default
 
 _IMAGE_ROWS = 1024  # per-image metadata rows per chunk
 _REGION_ROWS = 4096  # region rows per chunk
@@ -85,7 +86,8 @@ def write_zarr(path: Path, samples: list[Sample]) -> None:
     L, C = samples[0].clip_map.shape if samples else (0, 0)
     counts = np.array([s.num_regions for s in samples], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (images + 1,)
-    group.attrs["masks"] = [s.masks for s in samples] if any(s.masks is not None for s in samples) else None
+    masks = [s.masks for s in samples] if any(s.masks is not None for s in samples) else None
+    group.attrs["masks"] = json.loads(json.dumps(masks, default=json_default))  # RLE counts as str
     ids = [s.image_id for s in samples]
     integer_ids = all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in ids)
     _array(group, "key", np.array([s.key for s in samples], dtype=_STR), (_IMAGE_ROWS,))
@@ -96,7 +98,7 @@ def write_zarr(path: Path, samples: list[Sample]) -> None:
         (_IMAGE_ROWS,),
     )
     _array(group, "file_name", np.array([s.file_name for s in samples], dtype=_STR), (_IMAGE_ROWS,))
-    _array(group, "width", np.array([s.width for s in samples], np.int64), (_IMAGE_ROWS,))
+    _array(group, "width", np.array([s.width for s in samples], np.int64), (_IMAGE_ROWS,))  # original pixels
     _array(group, "height", np.array([s.height for s in samples], np.int64), (_IMAGE_ROWS,))
     _array(group, "box_offsets", offsets, (_IMAGE_ROWS,))
     clip_dtype = ARRAY_FIELDS["clip_map"][0]
