@@ -239,8 +239,12 @@ def predict(
     points: Annotated[str | None, typer.Option(help='Clicks for every image: "x,y;x,y" (one region each). No boxes or points: SAM finds the regions.')] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory, head.safetensors or official RegionSpot .pth.")] = None,
     backbones: Annotated[str, typer.Option(help="Backbone preset the checkpoint was trained with: bb, bl, bl336 or tiny.")] = "bl",
+    sam: Annotated[str | None, typer.Option(help="SAM variant: vit_b, vit_l, vit_h (overrides the preset).")] = None,
     sam_checkpoint: Annotated[str | None, typer.Option(help="SAM weights file, e.g. sam_vit_b_01ec64.pth.")] = None,
+    clip: Annotated[str | None, typer.Option(help="open_clip model name (overrides the preset).")] = None,
     clip_pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag (openai) or a weights file.")] = None,
+    clip_size: Annotated[int | None, typer.Option(help="CLIP input size S (overrides the preset).")] = None,
+    sam_tokens: Annotated[int | None, typer.Option(help="Box prompts: 1 (single-mask token, paper) or 3 (multimask), as the checkpoint was trained.")] = None,
     masks: Annotated[bool, typer.Option(help="SAM's masks: drawn in the PNG and stored (COCO RLE) in the JSON.")] = True,
     attention: Annotated[bool, typer.Option(help="Also write OUT/<stem>.attention.png: each region's attention over the CLIP map.")] = False,
     embeddings: Annotated[bool, typer.Option(help="Also write OUT/<stem>.embeddings.npy: float32 [N, D] region embeddings.")] = False,
@@ -248,7 +252,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output folder: <stem>.json and <stem>.png per image.")] = Path("predictions"),
     batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass.")] = 4,
     max_boxes: Annotated[int | None, typer.Option(help="--boxes-file: keep each image's N highest-scoring boxes.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Name regions of your own images: boxes, clicks or SAM's automatic regions, any vocabulary.
@@ -260,7 +264,8 @@ def predict(
 
     cfg = PredictConfig(
         images=list(images), vocab=vocab, vocab_file=vocab_file, boxes=boxes, boxes_file=boxes_file, points=points,
-        checkpoint=checkpoint, backbones=backbones, sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained,
+        checkpoint=checkpoint, backbones=backbones, sam=sam, sam_checkpoint=sam_checkpoint, clip=clip,
+        clip_pretrained=clip_pretrained, clip_size=clip_size, sam_tokens=sam_tokens,
         masks=masks, attention=attention, embeddings=embeddings, topk=topk, out=out, batch_size=batch_size,
         max_boxes=max_boxes, device=device,
     )

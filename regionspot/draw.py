@@ -205,7 +205,7 @@ def draw_attention(
     alpha: float = 0.6,
 ) -> np.ndarray:
     """A grid of panels, one per region: its attention heat map over the (dimmed) image, its box and
-    a "#i label score" title. The paper's Figure 4.
+    a "#i: label score" title. The paper's Figure 4.
 
     Args:
         image: uint8 [H, W, 3] RGB.
@@ -246,7 +246,7 @@ def draw_attention(
         panel_draw.rectangle(rect, outline=(255, 255, 255), width=4)  # a white rim keeps it visible on red
         panel_draw.rectangle(rect, outline=color, width=2)
         title = Image.new("RGB", (pw, title_h), color)
-        text = f"#{i} " + caption(labels[i], None if scores is None else float(scores[i]))
+        text = f"#{i}: " + caption(labels[i], None if scores is None else float(scores[i]))
         font, text = _fit_caption(font_size, text, pw - 6)
         ImageDraw.Draw(title).text((3, 3), text, fill=_text_color(color), font=font)
         r, c = divmod(i, cols)

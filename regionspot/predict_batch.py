@@ -49,8 +49,13 @@ class PredictConfig:
     checkpoint: Path | None = None
     """A checkpoint directory, a head.safetensors or an official RegionSpot .pth."""
     backbones: str = "bl"
+    """Backbone preset the checkpoint was trained with: bb, bl, bl336 or tiny."""
+    sam: str | None = None
     sam_checkpoint: str | None = None
+    clip: str | None = None
     clip_pretrained: str | None = None
+    clip_size: int | None = None
+    sam_tokens: int | None = None
     masks: bool = True
     """Compute SAM's masks: drawn in the PNG and stored (COCO RLE) in the JSON."""
     attention: bool = False
@@ -129,13 +134,14 @@ class PredictConfig:
         from regionspot.models.presets import resolve_backbones
 
         return resolve_backbones(
-            self.backbones, sam_checkpoint=self.sam_checkpoint, clip_pretrained=self.clip_pretrained
-        )
+            self.backbones, sam=self.sam, sam_checkpoint=self.sam_checkpoint, clip=self.clip,
+            clip_pretrained=self.clip_pretrained, clip_size=self.clip_size, sam_tokens=self.sam_tokens,
+        )  # fmt: skip
 
     def torch_device(self):
         import torch
 
-        if self.device is None:
+        if self.device in (None, "auto"):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
             device = torch.device(self.device)
@@ -333,6 +339,7 @@ class Summary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable images
     boxes_clipped: int = 0
     boxes_dropped: int = 0
+    points_dropped: int = 0
     images_without_regions: int = 0
     warnings: int = 0
 
@@ -354,6 +361,8 @@ class Summary:
             parts.append(f"{self.boxes_clipped} box(es) clipped to their image")
         if self.boxes_dropped:
             parts.append(f"{self.boxes_dropped} empty box(es) dropped")
+        if self.points_dropped:
+            parts.append(f"{self.points_dropped} point(s) outside their image dropped")
         if self.images_without_regions:
             parts.append(f"{self.images_without_regions} image(s) without regions")
         return "; ".join(parts)
@@ -455,14 +464,16 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
     if plan.points is not None:
         inside = (plan.points[:, 0] <= width) & (plan.points[:, 1] <= height)
         if not inside.all():
-            raise RegionSpotError(
-                f"--points: point #{int(np.flatnonzero(~inside)[0]) + 1} lies outside {path} ({width}x{height}); "
-                "give clicks inside every image"
+            dropped = np.flatnonzero(~inside)
+            summary.points_dropped += len(dropped)
+            record["dropped_points"] = [{"index": int(i), "point": plan.points[i].tolist()} for i in dropped]
+            summary.warn(
+                console, f"{path}: {len(dropped)} point(s) outside the {width}x{height} image dropped"
             )
         regions = predictor.predict_features(
-            features, points=plan.points, topk=cfg.topk, masks=cfg.masks,
+            features, points=plan.points[inside], topk=cfg.topk, masks=cfg.masks,
             embeddings=cfg.embeddings, attention=cfg.attention,
-        )  # fmt: skip
+        ) if inside.any() else []  # fmt: skip
     else:
         boxes = None
         if plan.boxes is not None or plan.proposals is not None:

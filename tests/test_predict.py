@@ -347,13 +347,14 @@ def test_cli_boxes_file_points_and_no_masks(tmp_path, toy_root, checkpoint):
     result = _cli([str(paths[0]), "--boxes-file", str(boxes_file), "--out", str(tmp_path / "o2"), *common])
     assert isinstance(result.exception, RegionSpotError) and "first: 7" in str(result.exception)
 
-    result = _cli([str(paths[0]), "--points", f"{w // 2},{h // 2}", "--out", str(tmp_path / "o3"), *common])
+    points = f"{w // 2},{h // 2};{w + 100},5"
+    result = _cli([str(paths[0]), "--points", points, "--out", str(tmp_path / "o3"), *common])
     assert result.exit_code == 0, (result.output, result.exception)
     record = json.loads((tmp_path / "o3" / "000000000042.json").read_text())
-    assert record["regions"][0]["point"] == [w // 2, h // 2] and record["regions"][0]["mask"]["size"] == [
-        h,
-        w,
-    ]
+    (region,) = record["regions"]
+    assert region["point"] == [w // 2, h // 2] and region["mask"]["size"] == [h, w]
+    assert record["dropped_points"] == [{"index": 1, "point": [w + 100, 5]}]
+    assert "1 point(s) outside their image dropped" in result.output
 
 
 def test_official_checkpoint_is_imported_with_the_chosen_backbones(tiny, checkpoint, tmp_path, toy_root):
