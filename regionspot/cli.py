@@ -260,7 +260,8 @@ def predict(
     Writes OUT/<stem>.json (regions in prompt order: box, label, score, top-k, SAM IoU, mask) and
     OUT/<stem>.png (masks, boxes and "label score" drawn on the image).
     """
-    from regionspot.predict_batch import PredictConfig, run_predict
+    from regionspot.predict_batch import run_predict
+    from regionspot.predict_inputs import PredictConfig
 
     cfg = PredictConfig(
         images=list(images), vocab=vocab, vocab_file=vocab_file, boxes=boxes, boxes_file=boxes_file, points=points,
@@ -297,7 +298,9 @@ def quickstart(
 def main() -> None:
     """Console entry point: project errors become one line on stderr and exit code 1."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # outside standalone mode click returns typer.Exit's code
+            sys.exit(code)
     except RegionSpotError as e:
         if os.environ.get("REGIONSPOT_DEBUG"):
             raise

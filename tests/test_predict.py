@@ -12,7 +12,7 @@ from PIL import Image
 
 from regionspot.draw import attention_map, draw_attention, draw_regions, label_colors
 from regionspot.errors import RegionSpotError
-from regionspot.predict_batch import expand_inputs, output_names, parse_boxes, parse_points, parse_vocab
+from regionspot.predict_inputs import expand_inputs, output_names, parse_boxes, parse_points, parse_vocab
 
 
 # --- option parsing and inputs (no model) ---------------------------------------------------------
