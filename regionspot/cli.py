@@ -312,9 +312,8 @@ def main() -> None:
         print("aborted", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # click usage errors carry their own formatting
-        import click
-
-        if isinstance(e, click.ClickException):
+        # typer >= 0.26 vendors click (typer._click), so its usage errors are not click.ClickException
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
         raise
