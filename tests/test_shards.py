@@ -420,9 +420,10 @@ def test_iter_batches_order(tmp_path, storage):
         assert b.keys == [s.key for s in samples]
 
 
-def test_iter_batches_workers(tmp_path):
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_iter_batches_workers(tmp_path, storage):
     shards = [make_samples(counts=(1, 2, 0, 3)), make_samples(seed=1, counts=(2, 0, 1, 1), start=4)]
-    out = build_set(tmp_path / "set", "wds", shards)
+    out = build_set(tmp_path / "set", storage, shards)
     ss = ShardSet(out)
     straight = [b.keys for b, _ in iter_batches(ss, batch_size=2)]
     assert straight == [["0000", "0001"], ["0002", "0003"], ["0004", "0005"], ["0006", "0007"]]
@@ -718,3 +719,18 @@ def test_numpy_meta_and_bytes_rle(tmp_path, storage):
     back = next(read_shard(write_shard(storage, tmp_path / shard_name(0, storage), [sample])))
     assert (back.image_id, back.width) == (7, 33) and type(back.image_id) is int
     assert back.masks == [{"size": [4, 4], "counts": "04L4"}, {"size": [4, 4], "counts": "1O"}]
+
+
+def test_console_script_exit_codes(tmp_path, monkeypatch, capsys):
+    from regionspot.cli import main
+
+    out = build_set(tmp_path / "set", "wds", [make_samples()])
+    (out / "shard-000000.tar").unlink()
+    monkeypatch.setattr("sys.argv", ["regionspot", "shards", "verify", str(out)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 1 and "fault: shard-000000.tar: missing" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["regionspot", "shards", "info", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 1 and capsys.readouterr().err.startswith("error: no shard set at")
