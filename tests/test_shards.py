@@ -306,7 +306,7 @@ def test_manifest_and_shardset(tmp_path):
 
 
 def test_missing_dir(tmp_path):
-    with pytest.raises(RegionSpotError, match="no shard set"):
+    with pytest.raises(RegionSpotError, match="no shards in"):
         ShardSet(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(RegionSpotError, match="no shards"):
@@ -474,7 +474,7 @@ def test_verify_count_mismatch(tmp_path):
 
 
 def test_verify_no_manifest(tmp_path):
-    assert "no shard set" in verify_shardset(tmp_path / "nope")[0]
+    assert "no shards in" in verify_shardset(tmp_path / "nope")[0]
 
 
 def test_shardset_info(tmp_path):
@@ -505,7 +505,7 @@ def test_cli_info_and_verify(tmp_path):
     assert r.exit_code == 1
     assert "shard-000001.tar: checksum mismatch" in r.output
     r = runner.invoke(app, ["shards", "verify", str(tmp_path / "nope")])
-    assert r.exit_code == 1 and "no shard set" in r.output
+    assert r.exit_code == 1 and "no shards in" in r.output
 
 
 def test_cli_help():
@@ -733,4 +733,4 @@ def test_console_script_exit_codes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["regionspot", "shards", "info", str(tmp_path / "nope")])
     with pytest.raises(SystemExit) as e:
         main()
-    assert e.value.code == 1 and capsys.readouterr().err.startswith("error: no shard set at")
+    assert e.value.code == 1 and capsys.readouterr().err.startswith("error: no shards in")

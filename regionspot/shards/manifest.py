@@ -83,7 +83,7 @@ def read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     if not file.is_file():
         if not path.exists():
-            raise RegionSpotError(f"no shard set at {path}; run 'regionspot extract' first")
+            raise RegionSpotError(f"no shards in {path} (no such directory); run 'regionspot extract' first")
         if any(path.glob("shard-*")):
             raise RegionSpotError(
                 f"{path} has shards but no {MANIFEST}: its extraction has not finished; run the same "
