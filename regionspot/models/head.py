@@ -1,8 +1,15 @@
 """`RegionSpotHead`: the only trained module — SAM region tokens attend to the CLIP map (DESIGN.md §2).
 
-to_clip = Linear(256, C) -> TransformerDecoder (regions as tgt, self-attention among an image's
-regions; the CLIP map as memory; no positional embeddings) -> projector = Linear(C, D) ->
-L2-normalised region embedding; logits = exp(CLIP logit_scale) * embedding . text.
+    sam_tokens [B, N, 256] --to_clip--> [B, N, C] --TransformerDecoder(tgt = regions, memory = CLIP map
+    [B, L, C]; self-attention among one image's regions; no positional embeddings)--> [B, N, C]
+    --projector--> [B, N, D] --/ (norm + 1e-7)--> region embeddings; logits = s * emb . text [K, D]
+
+with s = exp(CLIP's logit_scale), read from the shards' manifest and stored with the head.
+
+Several tokens per region (T = 3, SAM's multimask tokens) are run as the official code runs them
+(`RegionSpot.forward_inference`): token t of every region of an image forms its own sequence, so
+self-attention mixes the image's regions at one token index and never a region's tokens with each
+other; each token is scored on its own ([B, N, T, K]) and the caller keeps the one SAM rates best.
 """
 
 from __future__ import annotations
@@ -15,10 +22,24 @@ from torch import nn
 from regionspot.errors import RegionSpotError
 
 OFFICIAL_PREFIX = "model."
-_LAYER_PARTS = ("self_attn", "multihead_attn", "linear1", "linear2", "norm1", "norm2", "norm3")
+OFFICIAL_LOGIT_SCALE = 100.0  # exp of OpenAI CLIP's logit_scale; the released heads were trained with it
+_HEAD_PARTS = ("to_clip", "decoder", "projector")
+# numpy globals that pickled numpy scalars/arrays need; they only rebuild arrays (no code runs).
+_NUMPY_GLOBALS = (
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.ndarray",
+    "numpy.dtype",
+)
 
 
 class RegionSpotHead(nn.Module):
+    """The fusion head. Args: clip_width C (CLIP map width), embed_dim D (CLIP embedding width),
+    sam_dim (256 for every SAM), decoder depth / heads / feed-forward width / dropout, and the logit
+    scale s = exp(CLIP logit_scale)."""
+
     def __init__(
         self,
         clip_width: int,
@@ -32,13 +53,13 @@ class RegionSpotHead(nn.Module):
     ):
         super().__init__()
         self._config = dict(
-            clip_width=clip_width,
-            embed_dim=embed_dim,
-            sam_dim=sam_dim,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            ff_dim=ff_dim,
-            dropout=dropout,
+            clip_width=int(clip_width),
+            embed_dim=int(embed_dim),
+            sam_dim=int(sam_dim),
+            num_layers=int(num_layers),
+            num_heads=int(num_heads),
+            ff_dim=int(ff_dim),
+            dropout=float(dropout),
             logit_scale=float(logit_scale),
         )
         self.to_clip = nn.Linear(sam_dim, clip_width)
@@ -50,6 +71,7 @@ class RegionSpotHead(nn.Module):
         self.logit_scale = float(logit_scale)
 
     def config(self) -> dict:
+        """The constructor arguments (what a checkpoint stores to rebuild the head)."""
         return dict(self._config)
 
     def embed(
@@ -62,48 +84,74 @@ class RegionSpotHead(nn.Module):
         """L2-normalised region embeddings.
 
         Args:
-            sam_tokens: [B, N, 256], or [B, N, T, 256] (the T tokens of a region enter the sequence as
-                regions of their own and are scored each).
-            clip_map: [B, L, C] CLIP token map.
-            region_mask: [B, N] bool, True for real regions (padding changes no real region's output).
+            sam_tokens: [B, N, 256] position-aware tokens, or [B, N, T, 256] (T tokens per region, each
+                run as the official code runs multimask tokens, see the module docstring).
+            clip_map: [B, L, C] CLIP token map (before ln_post), class token first.
+            region_mask: [B, N] bool, True for real regions. Padded regions are hidden from the real
+                ones' self-attention, so padding changes no real region's output.
+            return_attention: also return the last decoder layer's cross-attention weights.
         Returns:
-            [B, N, D] (or [B, N, T, D]); with return_attention also the last layer's cross-attention
-            [B, N, L] (or [B, N, T, L]), mean over heads.
+            embeddings [B, N, D] (or [B, N, T, D]); with return_attention also [B, N, L] (or
+            [B, N, T, L]): the last layer's attention of each region over the L map tokens, mean over
+            heads (rows sum to 1).
         """
         multi = sam_tokens.dim() == 4
         b, n = sam_tokens.shape[:2]
         t = sam_tokens.shape[2] if multi else 1
-        tokens = sam_tokens.reshape(b, n * t, sam_tokens.shape[-1])  # (B, N*T, 256)
-        padding = None
-        if region_mask is not None:
-            padding = ~region_mask.bool().repeat_interleave(t, dim=1)  # (B, N*T), True = padding
-        x = self.to_clip(tokens.to(self.to_clip.weight.dtype))  # (B, N*T, C)
-        memory = clip_map.to(x.dtype)
+        length = clip_map.shape[1]
+        dtype = self.to_clip.weight.dtype
+        tokens = sam_tokens.to(dtype)
+        memory = clip_map.to(dtype)  # (B, L, C)
+        if multi:
+            # one sequence per (image, token index): (B, N, T, 256) -> (B*T, N, 256)
+            tokens = tokens.transpose(1, 2).reshape(b * t, n, tokens.shape[-1])
+            memory = memory.repeat_interleave(t, dim=0)  # (B*T, L, C)
+        padding = self._padding(region_mask, b, n, t, sam_tokens.device)
+        x = self.to_clip(tokens)  # (B*T, N, C)
         attention = None
-        if n * t:
-            if return_attention:
-                for layer in self.decoder.layers[:-1]:
-                    x = layer(x, memory, tgt_key_padding_mask=padding)
-                attention = self._cross_attention(self.decoder.layers[-1], x, memory, padding)
-                x = self.decoder.norm(self.decoder.layers[-1](x, memory, tgt_key_padding_mask=padding))
-            else:
-                x = self.decoder(x, memory, tgt_key_padding_mask=padding)  # (B, N*T, C)
-        x = self.projector(x)  # (B, N*T, D)
+        if n == 0:
+            attention = x.new_zeros(b * t, 0, length)
+        elif return_attention:
+            for layer in self.decoder.layers[:-1]:
+                x = layer(x, memory, tgt_key_padding_mask=padding)
+            x, attention = self._last_layer(self.decoder.layers[-1], x, memory, padding)
+            x = self.decoder.norm(x)
+        else:
+            x = self.decoder(x, memory, tgt_key_padding_mask=padding)  # (B*T, N, C)
+        x = self.projector(x)  # (B*T, N, D)
         x = x / (x.norm(dim=-1, keepdim=True) + 1e-7)
-        shape = (b, n, t) if multi else (b, n)
-        x = x.reshape(*shape, x.shape[-1])
-        if return_attention:
-            if attention is None:
-                attention = memory.new_zeros(b, n * t, memory.shape[1])
-            return x, attention.reshape(*shape, memory.shape[1])
-        return x
+        if multi:
+            x = x.reshape(b, t, n, x.shape[-1]).transpose(1, 2)  # (B, N, T, D)
+        if not return_attention:
+            return x
+        if multi:
+            attention = attention.reshape(b, t, n, length).transpose(1, 2)  # (B, N, T, L)
+        return x, attention
 
     @staticmethod
-    def _cross_attention(layer: nn.TransformerDecoderLayer, x, memory, padding) -> torch.Tensor:
-        """The layer's cross-attention weights for input x (post-norm layout), mean over heads."""
-        q = layer.norm1(x + layer._sa_block(x, None, padding))
-        _, weights = layer.multihead_attn(q, memory, memory, need_weights=True, average_attn_weights=True)
-        return weights  # (B, N, L)
+    def _padding(region_mask, b: int, n: int, t: int, device) -> torch.Tensor | None:
+        """tgt_key_padding_mask [B*T, N] (True = padding) from region_mask [B, N] (True = real)."""
+        if region_mask is None or n == 0:
+            return None
+        real = region_mask.to(device=device, dtype=torch.bool)
+        if real.shape != (b, n):
+            raise ValueError(f"region_mask has shape {tuple(real.shape)}, expected {(b, n)}")
+        # An image without any real region would attend to nothing (softmax of all -inf = NaN);
+        # let its padding attend to itself: those rows are padding and are never read.
+        real = real | ~real.any(dim=1, keepdim=True)
+        return (~real).repeat_interleave(t, dim=0)  # (B*T, N)
+
+    @staticmethod
+    def _last_layer(layer: nn.TransformerDecoderLayer, x, memory, padding):
+        """A post-norm decoder layer, as nn.TransformerDecoderLayer.forward computes it, that also
+        returns its cross-attention weights [B, N, L] averaged over heads."""
+        x = layer.norm1(x + layer._sa_block(x, None, padding))
+        attended, weights = layer.multihead_attn(
+            x, memory, memory, need_weights=True, average_attn_weights=True
+        )
+        x = layer.norm2(x + layer.dropout2(attended))
+        x = layer.norm3(x + layer._ff_block(x))
+        return x, weights
 
     def forward(
         self,
@@ -112,49 +160,128 @@ class RegionSpotHead(nn.Module):
         text_embeddings: torch.Tensor,
         region_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, N, K] (or [B, N, T, K]) of every region against every text embedding [K, D]."""
-        emb = self.embed(sam_tokens, clip_map, region_mask)
-        return self.logit_scale * emb @ text_embeddings.to(emb.dtype).t()
+        """Logits of every region against every class.
 
-    # --- the checkpoints released with the paper ---
+        Args:
+            sam_tokens: [B, N, 256] or [B, N, T, 256]; clip_map: [B, L, C];
+            text_embeddings: [K, D], L2-normalised; region_mask: [B, N] bool, True = real region.
+        Returns:
+            [B, N, K] (or [B, N, T, K]) = logit_scale * embedding . text. N = 0 gives [B, 0, K].
+        """
+        emb = self.embed(sam_tokens, clip_map, region_mask)
+        return self.logit_scale * emb @ text_embeddings.to(emb.dtype).t()  # (B, N, [T,] K)
+
+    # --- the checkpoints released with the paper ---------------------------------------------------
     def to_official_state_dict(self) -> dict:
-        """This head's weights in the official layout (`model.` prefix), e.g. to test the importer."""
-        return {f"{OFFICIAL_PREFIX}{k}": v.clone() for k, v in self.state_dict().items()}
+        """This head's weights under the official checkpoint names (`model.` prefix)."""
+        return {f"{OFFICIAL_PREFIX}{k}": v.detach().clone() for k, v in self.state_dict().items()}
 
     @classmethod
     def from_official_checkpoint(cls, path: str | Path) -> RegionSpotHead:
-        """Load the head of an official RegionSpot `.pth` (frozen SAM / CLIP weights in it are skipped)."""
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError as e:
-            raise RegionSpotError(f"checkpoint {path}: no such file") from e
-        except Exception as e:
-            raise RegionSpotError(f"checkpoint {path}: cannot be read safely (weights_only) ({e})") from e
-        return cls.from_official_state_dict(
-            ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}, str(path)
-        )
+        """The head of an official RegionSpot `.pth` (regionspot_bb.pth, regionspot_bl.pth, ...).
+
+        The file is read with `torch.load(weights_only=True)`: tensors and plain containers only,
+        never code. Its `ckpt["model"]` holds the head under `model.to_clip/decoder/projector` beside
+        frozen `model.sam.*` / `model.clip_model.*` weights (skipped). Dimensions come from the
+        tensor shapes; the logit scale is 100 (the OpenAI CLIPs the paper used).
+        Raises RegionSpotError for a missing/unreadable file or missing head weights.
+        """
+        return cls.from_official_state_dict(read_official_checkpoint(path), str(path))
 
     @classmethod
     def from_official_state_dict(cls, state: dict, source: str = "checkpoint") -> RegionSpotHead:
-        ours = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state.items() if k.startswith(OFFICIAL_PREFIX)}
-        ours = {k: v for k, v in ours.items() if k.split(".")[0] in ("to_clip", "decoder", "projector")}
-        for key in ("to_clip.weight", "projector.weight", "decoder.norm.weight"):
-            if key not in ours:
-                raise RegionSpotError(
-                    f"{source} is not a RegionSpot checkpoint: {OFFICIAL_PREFIX}{key} is missing"
-                )
-        clip_width, sam_dim = ours["to_clip.weight"].shape
-        embed_dim = ours["projector.weight"].shape[0]
-        layers = 1 + max(int(k.split(".")[2]) for k in ours if k.startswith("decoder.layers."))
-        ff_dim = ours["decoder.layers.0.linear1.weight"].shape[0]
-        head = cls(
-            clip_width, embed_dim, sam_dim=sam_dim, num_layers=layers, ff_dim=ff_dim, logit_scale=100.0
-        )
-        missing = sorted(set(head.state_dict()) - set(ours))
-        if missing:
-            shown = ", ".join(OFFICIAL_PREFIX + m for m in missing[:5])
+        """Build the head from an official state dict (keys `model.to_clip.weight`, ...)."""
+        ours = {
+            k[len(OFFICIAL_PREFIX) :]: v
+            for k, v in state.items()
+            if isinstance(k, str)
+            and k.startswith(OFFICIAL_PREFIX)
+            and k[len(OFFICIAL_PREFIX) :].split(".")[0] in _HEAD_PARTS
+        }
+        if "to_clip.weight" not in ours or not any(k.startswith("decoder.layers.") for k in ours):
             raise RegionSpotError(
-                f"{source}: {len(missing)} head weights missing ({shown}{', ...' if len(missing) > 5 else ''})"
+                f"{source} is not a RegionSpot checkpoint: no {OFFICIAL_PREFIX}to_clip / "
+                f"{OFFICIAL_PREFIX}decoder.layers.* weights; pass an official regionspot_*.pth"
             )
-        head.load_state_dict({k: ours[k].float() for k in head.state_dict()})
+        clip_width, sam_dim = ours["to_clip.weight"].shape
+        embed_dim = ours["projector.weight"].shape[0] if "projector.weight" in ours else clip_width
+        layers = 1 + max(int(k.split(".")[2]) for k in ours if k.startswith("decoder.layers."))
+        ff = ours.get("decoder.layers.0.linear1.weight")
+        head = cls(
+            clip_width,
+            embed_dim,
+            sam_dim=sam_dim,
+            num_layers=layers,
+            ff_dim=ff.shape[0] if ff is not None else 2048,
+            logit_scale=OFFICIAL_LOGIT_SCALE,
+        )
+        expected = head.state_dict()
+        missing = sorted(set(expected) - set(ours))
+        if missing:
+            shown = ", ".join(OFFICIAL_PREFIX + m for m in missing[:6])
+            more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+            raise RegionSpotError(
+                f"{source}: {len(missing)} head weight(s) missing: {shown}{more}; the file is incomplete "
+                "or not an official RegionSpot checkpoint"
+            )
+        wrong = [k for k, v in expected.items() if tuple(ours[k].shape) != tuple(v.shape)]
+        if wrong:
+            raise RegionSpotError(
+                f"{source}: {OFFICIAL_PREFIX}{wrong[0]} has shape {list(ours[wrong[0]].shape)}, expected "
+                f"{list(expected[wrong[0]].shape)} for a head of width {clip_width}"
+            )
+        head.load_state_dict({k: ours[k].float() for k in expected})
         return head
+
+
+def read_official_checkpoint(path: str | Path) -> dict:
+    """The `model` state dict of an official RegionSpot `.pth`, read without unpickling code.
+
+    detectron2 checkpoints may also hold numpy arrays/scalars (trainer state); those are allowed as
+    data. Any other object (a class the file would have to import) is refused with its name, and the
+    message says how to strip it where the file is trusted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RegionSpotError(
+            f"checkpoint {path}: no such file; pass an official RegionSpot .pth (regionspot_bl.pth, ...)"
+        )
+    allowed = []
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip checkpoint (legacy format): torch.load below says what it is
+        unsafe = []
+    refused = [g for g in unsafe if g not in _NUMPY_GLOBALS and not g.startswith("numpy.dtypes.")]
+    if refused:
+        raise RegionSpotError(
+            f"checkpoint {path} holds Python objects that loading would have to import ({', '.join(refused[:4])}); "
+            "regionspot reads weights only. Where you trust the file, keep just its weights: python -c "
+            "\"import torch; c = torch.load('IN.pth', weights_only=False); torch.save({'model': c['model']}, "
+            "'OUT.pth')\" (the official tools/re_save_ckpt.py does the same)"
+        )
+    if unsafe:
+        import importlib
+
+        import numpy as np
+
+        for name in unsafe:
+            module, _, attr = name.rpartition(".")
+            try:
+                allowed.append(getattr(importlib.import_module(module), attr))
+            except (ImportError, AttributeError):
+                pass
+        # pickled dtypes name their class (numpy.dtypes.Float64DType, ...) only inside the reduce call
+        allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RegionSpotError(
+            f"checkpoint {path}: cannot be read as a weights-only torch file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]})"
+        ) from e
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        return ckpt["model"]
+    if isinstance(ckpt, dict):  # a bare state dict (e.g. re-saved without the "model" wrapper)
+        return ckpt
+    raise RegionSpotError(f"checkpoint {path}: holds a {type(ckpt).__name__}, not a RegionSpot state dict")
