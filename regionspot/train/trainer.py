@@ -75,6 +75,7 @@ def run_train(cfg: TrainConfig) -> Path:
         raise RegionSpotError(f"--mix-weights has {len(cfg.mix_weights)} values for {len(sets)} shard sets")
     texts = [torch.from_numpy(s.text_embeddings()).to(device) for s in sets]
     clip = sets[0].backbones["clip"]
+    torch.manual_seed(cfg.seed)  # the same initial head on every rank and in every run of this config
     head = RegionSpotHead(
         clip["width"], clip["embed_dim"], dropout=cfg.dropout, logit_scale=sets[0].logit_scale
     )
