@@ -189,10 +189,11 @@ def test_training_mixes_a_folder_of_sets_and_imports_no_backbone(tmp_path, text)
 def test_ddp_with_two_cpu_processes(tmp_path, text):
     shards = write_shardset(tmp_path / "s", synthetic_samples(30, 7), text, shard_size=5)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "regionspot.cli", "train", "--shards", str(shards), "--out", str(tmp_path / "run"), "--steps", "6",
            "--batch-size", "4", "--save-every", "3"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoints" / "step-0000006" / "trainer_state.pt").exists()
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-0000006" / "trainer_state.pt", weights_only=True)
     assert len(state["streams"]) == 2 and state["step"] == 6
