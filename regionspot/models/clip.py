@@ -1,13 +1,17 @@
 """Frozen CLIP as an image feature map and a text encoder (DESIGN.md §2).
 
 The map is the visual transformer's full token sequence before `ln_post` and the projection:
-[1 + (S/patch)^2, width], class token first, for the image resized to S x S (no crop).
+[1 + (S/patch)^2, width], class token first, for the image squashed to S x S (no crop). Text
+embeddings are the mean of 81 prompt templates' raw embeddings, L2-normalised.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,40 +19,172 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regionspot.errors import RegionSpotError
+from regionspot.models.fingerprint import tiny_seed
+
 TEMPLATES_NAME = "{}. + openai-imagenet-80"
+TINY_CLIP_SIZE = 64
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # = open_clip.constants.OPENAI_DATASET_MEAN / _STD
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def text_templates() -> list:
-    """The 81 prompt templates: "{}." and the 80 OpenAI ImageNet templates (callables)."""
+    """The 81 prompt templates: "{}." and the 80 OpenAI ImageNet templates (callables name -> prompt)."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     return [lambda c: f"{c}.", *OPENAI_IMAGENET_TEMPLATES]
 
 
-def is_torchscript(path: Path) -> bool:
-    """OpenAI's own `.pt` files are TorchScript archives (a zip holding code/ and constants.pkl)."""
+def is_torchscript(path: str | Path) -> bool:
+    """True for a TorchScript archive (OpenAI's own `.pt` files), False for a state dict.
+
+    Both are zip files with data.pkl; only TorchScript holds `constants.pkl` (and `code/`), the test
+    torch.load itself uses to refuse TorchScript under weights_only=True.
+    """
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
-        return any(
-            n.split("/", 1)[-1].startswith("code/") or n.endswith("constants.pkl") for n in z.namelist()
+        return any(name.split("/")[-1] == "constants.pkl" for name in z.namelist())
+
+
+def build_tiny_clip(image_size: int = TINY_CLIP_SIZE) -> nn.Module:
+    """A small CLIP from open_clip's own class: 64-px input, patch 8, two layers per tower, embed dim 64.
+
+    Weights from a fixed seed at 64 px; another size gets them with the position embeddings
+    interpolated (as for any CLIP run at a size it was not trained at).
+    """
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, resize_pos_embed
+
+    def build(size: int) -> nn.Module:
+        return open_clip.CLIP(
+            embed_dim=64,
+            vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, image_size=size, patch_size=8),
+            text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+            quick_gelu=True,
         )
 
-
-def build_tiny_clip() -> nn.Module:
-    """A small CLIP from open_clip's own classes: 64-px input, patch 8, two layers per tower."""
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, image_size=64, patch_size=8),
-        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
-        quick_gelu=True,
-    )
+    with tiny_seed():
+        model = build(TINY_CLIP_SIZE)
     with torch.no_grad():
-        model.logit_scale.fill_(math.log(100.0))  # behave like released CLIPs (exp(logit_scale) = 100)
+        model.logit_scale.fill_(math.log(100.0))  # scores behave like released CLIPs: exp(logit_scale) = 100
+    if image_size != TINY_CLIP_SIZE:
+        state = model.state_dict()
+        model = build(image_size)
+        resize_pos_embed(state, model)
+        model.load_state_dict(state)
+    return model.eval()
+
+
+@contextmanager
+def _quiet_random_init():
+    """Drop open_clip's "initialized randomly" warning while building an architecture we fill ourselves."""
+
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return "initialized randomly" not in record.getMessage()
+
+    drop, root = Drop(), logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+    """The informative line of an exception (a state-dict error's first mismatch), shortened."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _load_torchscript(name: str, path: Path, image_size: int) -> nn.Module:
+    """OpenAI's TorchScript archive -> `name`'s architecture at `image_size` (strict, pos-embeds resized)."""
+    import open_clip
+    from open_clip.model import resize_pos_embed
+
+    if not (open_clip.get_model_config(name) or {}).get("quick_gelu", False):
+        hint = f"{name}-quickgelu" if f"{name}-quickgelu" in open_clip.list_models() else "a -quickgelu model"
+        raise RegionSpotError(
+            f"--clip {name} with --clip-pretrained {path}: OpenAI weights were trained with QuickGELU "
+            f"and {name} uses GELU; use --clip {hint}"
+        )
+    try:
+        state = open_clip.load_openai_model(str(path), precision="fp32", device="cpu").state_dict()
+    except Exception as e:
+        raise RegionSpotError(
+            f"--clip-pretrained {path}: cannot read the TorchScript archive ({_first_line(e)})"
+        ) from e
+    with _quiet_random_init():
+        model = open_clip.create_model(name, pretrained=None, force_image_size=image_size, device="cpu")
+    resize_pos_embed(state, model)  # a no-op at the size the weights were trained at
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RegionSpotError(
+            f"--clip-pretrained {path} does not hold {name} weights ({_first_line(e)}); "
+            "pick the matching --clip"
+        ) from e
     return model
+
+
+def _create(name: str, pretrained: str, image_size: int) -> nn.Module:
+    """An open_clip tag or state-dict file (.bin, .safetensors, .pt) through create_model, weights_only."""
+    import open_clip
+
+    is_file = Path(pretrained).is_file()
+    try:
+        with warnings.catch_warnings():
+            # open_clip only warns when a tag was trained with another activation: the features would be wrong
+            warnings.filterwarnings("error", message="QuickGELU mismatch", category=UserWarning)
+            return open_clip.create_model(
+                name,
+                pretrained=pretrained,
+                force_image_size=image_size,
+                weights_only=True,
+                device="cpu",
+                precision="fp32",
+            )
+    except UserWarning as e:
+        raise RegionSpotError(
+            f"--clip {name} --clip-pretrained {pretrained}: {e} Use the matching model name "
+            "(OpenAI weights need the -quickgelu names, e.g. ViT-L-14-quickgelu)"
+        ) from e
+    except Exception as e:
+        if not is_file and "download" in str(e).lower():
+            raise RegionSpotError(
+                f"--clip-pretrained {pretrained}: cannot download the {name} weights ({_first_line(e)}); "
+                "without network access pass a local file: --clip-pretrained PATH "
+                "(OpenAI's .pt, or open_clip's .bin / .safetensors)"
+            ) from e
+        what = "does not hold" if "state_dict" in str(e) else "cannot load"
+        raise RegionSpotError(
+            f"--clip-pretrained {pretrained}: {what} {name} weights ({_first_line(e)}); "
+            "pass a state dict (.bin, .safetensors, .pt) or an OpenAI TorchScript .pt of this --clip model"
+        ) from e
+
+
+def load_clip(name: str, pretrained: str | None, image_size: int):
+    """(model, tokenizer, mean, std) of CLIP `name` (an open_clip model name or "tiny") on the CPU.
+
+    `pretrained`: an open_clip tag (downloaded by open_clip) or a file: OpenAI TorchScript archives
+    go through open_clip.load_openai_model, state dicts through create_model (weights_only).
+    """
+    import open_clip
+
+    if name == "tiny":
+        return build_tiny_clip(image_size), open_clip.SimpleTokenizer(), OPENAI_MEAN, OPENAI_STD
+    path = Path(pretrained)
+    if path.is_file() and is_torchscript(path):
+        model = _load_torchscript(name, path, image_size)
+    else:
+        model = _create(name, pretrained, image_size)
+    preprocess = open_clip.get_model_preprocess_cfg(model)
+    tokenizer = open_clip.get_tokenizer(name)
+    return model.eval(), tokenizer, preprocess.get("mean", OPENAI_MEAN), preprocess.get("std", OPENAI_STD)
 
 
 class ClipMapEncoder(nn.Module):
@@ -59,27 +195,42 @@ class ClipMapEncoder(nn.Module):
         model: nn.Module,
         tokenizer,
         image_size: int,
-        mean,
-        std,
+        mean=OPENAI_MEAN,
+        std=OPENAI_STD,
         autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        self.visual = model.visual
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        visual = model.visual
+        if tuple(visual.image_size) != (self.image_size, self.image_size):
+            raise ValueError(f"CLIP built for {visual.image_size}, not {self.image_size}")
         self._mean, self._std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.width = int(self.visual.conv1.out_channels)
-        patch = self.visual.conv1.kernel_size[0]
-        self.num_tokens = 1 + (self.image_size // patch) ** 2
-        self.embed_dim = int(self.visual.output_dim)
-        self.logit_scale = float(model.logit_scale.exp().item())
+        self.register_buffer("mean", torch.tensor(self._mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self._std).view(3, 1, 1), persistent=False)
+        self.width = int(visual.conv1.out_channels)
+        self.patch_size = int(visual.conv1.kernel_size[0])
+        self.num_tokens = 1 + (self.image_size // self.patch_size) ** 2
+        self.embed_dim = int(visual.output_dim)
+        self.logit_scale = float(model.logit_scale.detach().exp().item())
         self.autocast_dtype = autocast_dtype
+        self.eval()
+
+    def train(self, mode: bool = True):
+        """Frozen: always in eval mode, whatever a caller asks."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """HxWx3 uint8 RGB -> float32 [3, S, S]: squashed to S x S (bilinear, antialias), normalised."""
+        """HxWx3 uint8 RGB -> float32 [3, S, S]: squashed to S x S (bilinear, antialias), normalised (CPU)."""
         x = torch.tensor(image).permute(2, 0, 1).float().div_(255)  # a copy: decoded arrays may be read-only
         x = F.interpolate(
             x[None],
@@ -87,43 +238,38 @@ class ClipMapEncoder(nn.Module):
             mode="bilinear",
             antialias=True,
             align_corners=False,
-        )[0]
+        )[0]  # (3, S, S)
         mean = torch.tensor(self._mean).view(3, 1, 1)
         std = torch.tensor(self._std).view(3, 1, 1)
         return (x - mean) / std
 
-    def _autocast(self):
-        device = self.mean.device
-        enabled = device.type == "cuda" and self.autocast_dtype is not None
-        return torch.autocast(device.type, dtype=self.autocast_dtype, enabled=enabled)
-
     @torch.inference_mode()
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] prepared images -> [B, L, C] token map before ln_post (class token first)."""
+        """[B, 3, S, S] prepared images -> [B, L, C] float32 token map before ln_post (class token first)."""
+        visual = self.model.visual
         with self._autocast():
-            x = self.visual._embeds(images.to(self.mean.device))  # (B, L, C) after ln_pre
-            x = self.visual.transformer(x)
+            x = visual._embeds(images.to(self.device, torch.float32))  # (B, L, C) after ln_pre
+            x = visual.transformer(x)  # (B, L, C)
         return x.float()
 
     @torch.inference_mode()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> [B, D] L2-normalised image embeddings (after ln_post and projection)."""
+        """[B, 3, S, S] prepared images -> [B, D] L2-normalised embeddings (after ln_post and projection)."""
         with self._autocast():
-            return self.model.encode_image(images.to(self.mean.device), normalize=True).float()
+            emb = self.model.encode_image(images.to(self.device, torch.float32)).float()
+        return emb / emb.norm(dim=-1, keepdim=True)
 
     @torch.inference_mode()
     def text_embeddings(self, names: list[str], batch_names: int = 32) -> torch.Tensor:
-        """Class names -> float32 [K, D]: the mean of 81 templates' raw embeddings, then L2-normalised."""
+        """Class names -> float32 [K, D] on the CPU: the mean of the 81 templates' raw embeddings,
+        then L2-normalised."""
         templates = text_templates()
         out = []
         for start in range(0, len(names), batch_names):
-            chunk = names[start : start + batch_names]
-            prompts = [t(name) for name in chunk for t in templates]
-            tokens = self.tokenizer(prompts).to(self.mean.device)
+            chunk = list(names[start : start + batch_names])
+            tokens = self.tokenizer([t(name) for name in chunk for t in templates]).to(self.device)
             with self._autocast():
-                emb = self.model.encode_text(tokens, normalize=False).float()  # (k*81, D)
-            emb = emb.view(len(chunk), len(templates), -1).mean(1)
-            out.append(emb / emb.norm(dim=-1, keepdim=True))
-        if not out:
-            return torch.zeros(0, self.embed_dim)
-        return torch.cat(out).cpu()
+                emb = self.model.encode_text(tokens, normalize=False).float()  # (k * 81, D)
+            emb = emb.view(len(chunk), len(templates), -1).mean(1)  # (k, D)
+            out.append((emb / emb.norm(dim=-1, keepdim=True)).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)

@@ -1,72 +1,117 @@
 """Frozen SAM as a region encoder: one position-aware token per region prompt (DESIGN.md §2).
 
 The token is the mask decoder's output token after the two-way transformer, before the hypernetwork
-MLP: mask token 0 (the single-mask output, T = 1) or the three multimask tokens (T = 3).
+MLP: mask token 0, the single-mask output (T = 1), or the three multimask tokens (T = 3). The image
+encoder runs once per image; the prompts of a whole batch of images go through the decoder's
+transformer together, a chunk at a time; masks are upsampled only when asked for.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
-# name -> (image size, encoder width, depth, heads, global attention blocks, window, decoder MLP width)
-SAM_VARIANTS = {
-    "vit_b": (1024, 768, 12, 12, (2, 5, 8, 11), 14, 2048),
-    "vit_l": (1024, 1024, 24, 16, (5, 11, 17, 23), 14, 2048),
-    "vit_h": (1024, 1280, 32, 16, (7, 15, 23, 31), 14, 2048),
-    "tiny": (256, 64, 2, 2, (1,), 4, 256),
-}
-SAM_CHECKPOINTS = {
-    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-}
-TOKEN_SLICES = {1: slice(1, 2), 3: slice(2, 5)}  # in the decoder's output tokens: [iou, mask0, mask1..3]
+from regionspot.errors import RegionSpotError
+from regionspot.models.fingerprint import tiny_seed
+
+# The decoder's output tokens are [iou, mask 0 (single mask), mask 1..3 (multimask), prompt tokens...];
+# its IoU head predicts one score per mask token.
+TOKEN_SLICES = {1: slice(1, 2), 3: slice(2, 5)}
 IOU_SLICES = {1: slice(0, 1), 3: slice(1, 4)}
+MASK_INDEX_OFFSET = {1: 0, 3: 1}  # hypernetwork MLP index of a token slice's first token
 
 
-def build_sam(variant: str) -> Sam:
-    """A SAM of the given variant built from segment_anything's own classes (weights not loaded)."""
-    img_size, width, depth, heads, global_attn, window, mlp = SAM_VARIANTS[variant]
-    patch = 16
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=depth,
-            embed_dim=width,
-            img_size=img_size,
-            mlp_ratio=4,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            num_heads=heads,
-            patch_size=patch,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=global_attn,
-            window_size=window,
-            out_chans=256,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=256,
-            image_embedding_size=(img_size // patch, img_size // patch),
-            input_image_size=(img_size, img_size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=mlp, num_heads=8),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
+def build_tiny_sam() -> Sam:
+    """A small SAM from segment_anything's own classes: 256-px input, a 2-block encoder of width 64,
+    the full prompt encoder and mask decoder (transformer_dim 256). Weights from a fixed seed."""
+    img_size, patch = 256, 16
+    with tiny_seed():
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=img_size,
+                patch_size=patch,
+                embed_dim=64,
+                depth=2,
+                num_heads=2,
+                mlp_ratio=4,
+                out_chans=256,
+                qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                use_rel_pos=True,
+                window_size=4,
+                global_attn_indexes=(1,),
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=256,
+                image_embedding_size=(img_size // patch, img_size // patch),
+                input_image_size=(img_size, img_size),
+                mask_in_chans=16,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=256, num_heads=8),
+                transformer_dim=256,
+                iou_head_depth=3,
+                iou_head_hidden_dim=256,
+            ),
+        )
+    return sam.eval()
+
+
+def load_sam(variant: str, checkpoint: str | Path | None) -> Sam:
+    """SAM `variant` (vit_b, vit_l, vit_h: the library's builders; tiny) with weights loaded safely.
+
+    segment_anything's builders unpickle a checkpoint with a plain torch.load, so they build the
+    architecture only and the weights are read here with weights_only=True.
+    """
+    from regionspot.models.presets import SAM_CHECKPOINTS
+
+    if variant == "tiny":
+        return build_tiny_sam()
+    if checkpoint is None or not Path(checkpoint).is_file():
+        raise RegionSpotError(
+            f"--sam-checkpoint {checkpoint}: no such file; download SAM {variant} weights from "
+            f"{SAM_CHECKPOINTS[variant]}"
+        )
+    sam = sam_model_registry[variant](checkpoint=None)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = _first_line(e)
+        raise RegionSpotError(
+            f"--sam-checkpoint {checkpoint}: not a SAM state dict readable with weights_only=True ({reason}); "
+            f"official weights: {SAM_CHECKPOINTS[variant]}"
+        ) from e
+    if not isinstance(state, dict):
+        raise RegionSpotError(
+            f"--sam-checkpoint {checkpoint}: holds a {type(state).__name__}, not a state dict"
+        )
+    try:
+        sam.load_state_dict(state)
+    except RuntimeError as e:
+        raise RegionSpotError(
+            f"--sam-checkpoint {checkpoint} does not hold SAM {variant} weights ({_first_line(e)}); "
+            "pick the matching --sam (vit_b, vit_l, vit_h)"
+        ) from e
+    return sam.eval()
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+    """The informative line of an exception (a state-dict error's first mismatch), shortened."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 @dataclass
@@ -78,10 +123,12 @@ class RegionTokens:
     masks: list[dict] | None = None
 
 
-def encode_rle(mask: np.ndarray) -> dict:
-    """A binary HxW mask as COCO RLE with `counts` as str (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+def encode_rle(masks: np.ndarray) -> list[dict]:
+    """Binary masks [N, H, W] as COCO RLE dicts with `counts` as str (JSON-ready)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
 class SamRegionEncoder(nn.Module):
@@ -93,75 +140,38 @@ class SamRegionEncoder(nn.Module):
             raise ValueError(f"tokens must be 1 or 3, not {tokens}")
         self.sam = sam.eval().requires_grad_(False)
         self.tokens = tokens
-        self.img_size = sam.image_encoder.img_size
+        self.img_size = int(sam.image_encoder.img_size)
         self.transform = ResizeLongestSide(self.img_size)
         self.autocast_dtype = autocast_dtype
+        self.eval()
 
-    def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """HxWx3 uint8 RGB -> uint8 [3, h', w'] with the longest side at SAM's input size."""
-        return torch.from_numpy(self.transform.apply_image(image)).permute(2, 0, 1).contiguous()
+    def train(self, mode: bool = True):
+        """Frozen: always in eval mode, whatever a caller asks."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.pixel_mean.device
 
     def _autocast(self):
-        device = self.sam.pixel_mean.device
-        enabled = device.type == "cuda" and self.autocast_dtype is not None
-        return torch.autocast(device.type, dtype=self.autocast_dtype, enabled=enabled)
+        enabled = self.device.type == "cuda" and self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx3 uint8 RGB -> uint8 [3, h', w'], the longest side resized to SAM's input size (CPU)."""
+        return torch.from_numpy(self.transform.apply_image(image)).permute(2, 0, 1).contiguous()
 
     @torch.inference_mode()
     def encode(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Prepared uint8 images -> image embeddings [B, 256, H/16, W/16] (normalised and padded here)."""
-        device = self.sam.pixel_mean.device
-        batch = torch.stack([self.sam.preprocess(im.to(device).float()) for im in images])  # (B, 3, S, S)
+        """Prepared uint8 [3, h', w'] images -> image embeddings [B, 256, S/16, S/16] float32.
+
+        Normalisation and padding to S x S (bottom/right, as SAM does) happen here, on the device.
+        """
+        batch = torch.stack(
+            [self.sam.preprocess(im.to(self.device).float()) for im in images]
+        )  # (B, 3, S, S)
         with self._autocast():
             return self.sam.image_encoder(batch).float()
-
-    @torch.inference_mode()
-    def _decode(self, embeddings, image_index, sparse, dense, tokens: int, sizes, input_sizes, masks, chunk):
-        """Run the decoder's transformer for prompts of many images, `chunk` prompts at a time."""
-        dec = self.sam.mask_decoder
-        pe = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, h, w)
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        out_tokens, out_iou, out_masks = [], [], []
-        for start in range(0, len(image_index), chunk):
-            idx = slice(start, start + chunk)
-            n = len(image_index[idx])
-            src = embeddings[image_index[idx]] + dense[idx]  # (n, 256, h, w)
-            query = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse[idx]], dim=1)
-            with self._autocast():
-                hs, src_out = dec.transformer(src, pe.expand(n, -1, -1, -1), query)
-            hs = hs.float()
-            out_tokens.append(hs[:, TOKEN_SLICES[tokens]])  # (n, T, 256)
-            iou = dec.iou_prediction_head(hs[:, 0])[:, IOU_SLICES[tokens]]  # (n, T)
-            out_iou.append(iou)
-            if masks:
-                b, c, h, w = src.shape
-                up = dec.output_upscaling(src_out.float().transpose(1, 2).reshape(b, c, h, w))
-                best = hs[:, TOKEN_SLICES[tokens]][torch.arange(n), iou.argmax(1)]  # the token SAM rates best
-                mlp_index = (iou.argmax(1) + (0 if tokens == 1 else 1)).tolist()
-                hyper = torch.stack(
-                    [dec.output_hypernetworks_mlps[m](t) for m, t in zip(mlp_index, best, strict=True)]
-                )
-                low = (hyper.unsqueeze(1) @ up.flatten(2)).view(n, 1, up.shape[-2], up.shape[-1])
-                for j, i in enumerate(image_index[idx].tolist()):
-                    full = self.sam.postprocess_masks(low[j : j + 1], input_sizes[i], sizes[i])
-                    out_masks.append(encode_rle((full[0, 0] > self.sam.mask_threshold).cpu().numpy()))
-        return (
-            torch.cat(out_tokens) if out_tokens else torch.zeros(0, tokens, 256),
-            torch.cat(out_iou) if out_iou else torch.zeros(0, tokens),
-            out_masks,
-        )
-
-    def _split(self, counts, tokens, iou, masks, want_masks) -> list[RegionTokens]:
-        out, start = [], 0
-        for n in counts:
-            out.append(
-                RegionTokens(
-                    tokens[start : start + n],
-                    iou[start : start + n],
-                    masks[start : start + n] if want_masks else None,
-                )
-            )
-            start += n
-        return out
 
     @torch.inference_mode()
     def region_tokens(
@@ -170,37 +180,33 @@ class SamRegionEncoder(nn.Module):
         boxes: list[torch.Tensor],
         original_sizes: list[tuple[int, int]],
         masks: bool = False,
-        chunk: int = 64,
+        chunk: int = 256,
     ) -> list[RegionTokens]:
-        """Tokens for box prompts.
+        """Position-aware tokens of box prompts.
 
         Args:
             embeddings: [B, 256, h, w] from `encode`.
             boxes: per image, [Ni, 4] XYXY in pixels of the original image.
             original_sizes: per image, (height, width) of the original image.
-        Returns: per image, RegionTokens with tokens [Ni, T, 256] and iou [Ni, T] (T = self.tokens).
+            masks: also return each region's mask (the token SAM rates best) as COCO RLE of the original size.
+            chunk: prompts per decoder call (bounds memory).
+        Returns: per image, RegionTokens with tokens [Ni, T, 256] and iou [Ni, T] on the device, T = self.tokens.
         """
-        device = embeddings.device
         counts = [len(b) for b in boxes]
         if sum(counts) == 0:
-            return self._split(
-                counts, torch.zeros(0, self.tokens, 256), torch.zeros(0, self.tokens), [], masks
-            )
+            return self._split(counts, self._empty(self.tokens), masks)
         resized = torch.cat(
             [
-                self.transform.apply_boxes_torch(b.to(device).float(), s)
+                self.transform.apply_boxes_torch(b.to(self.device).float(), tuple(s))
                 for b, s in zip(boxes, original_sizes, strict=True)
             ]
-        )  # (N, 4) in SAM's frame
-        sparse, dense = self.sam.prompt_encoder(points=None, boxes=resized, masks=None)
-        image_index = torch.repeat_interleave(
-            torch.arange(len(boxes), device=device), torch.tensor(counts, device=device)
+        )  # (N, 4) XYXY in SAM's resized frame
+        prompts = self.sam.prompt_encoder(points=None, boxes=resized, masks=None)
+        return self._split(
+            counts,
+            self._decode(embeddings, counts, prompts, self.tokens, original_sizes, masks, chunk),
+            masks,
         )
-        input_sizes = [ResizeLongestSide.get_preprocess_shape(h, w, self.img_size) for h, w in original_sizes]
-        t, i, m = self._decode(
-            embeddings, image_index, sparse, dense, self.tokens, original_sizes, input_sizes, masks, chunk
-        )
-        return self._split(counts, t, i, m, masks)
 
     @torch.inference_mode()
     def point_tokens(
@@ -209,34 +215,109 @@ class SamRegionEncoder(nn.Module):
         points: list[torch.Tensor],
         original_sizes: list[tuple[int, int]],
         masks: bool = False,
-        chunk: int = 64,
+        chunk: int = 256,
     ) -> list[RegionTokens]:
-        """Tokens for single foreground clicks ([Ni, 2] XY pixels per image): always the three multimask
-        tokens (T = 3), as SAM and the official code do for ambiguous prompts."""
-        device = embeddings.device
+        """Tokens of single foreground clicks ([Ni, 2] XY pixels of the original image, per image).
+
+        Always the three multimask tokens (T = 3), as SAM and the official code do for ambiguous prompts.
+        """
         counts = [len(p) for p in points]
         if sum(counts) == 0:
-            return self._split(counts, torch.zeros(0, 3, 256), torch.zeros(0, 3), [], masks)
+            return self._split(counts, self._empty(3), masks)
         coords = torch.cat(
             [
-                self.transform.apply_coords_torch(p.to(device).float(), s)
+                self.transform.apply_coords_torch(p.to(self.device).float(), tuple(s))
                 for p, s in zip(points, original_sizes, strict=True)
             ]
-        )[:, None, :]  # (N, 1, 2)
-        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
-        sparse, dense = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        )[:, None, :]  # (N, 1, 2) in SAM's resized frame
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)  # foreground
+        prompts = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        return self._split(
+            counts, self._decode(embeddings, counts, prompts, 3, original_sizes, masks, chunk), masks
+        )
+
+    def _empty(self, tokens: int):
+        return torch.zeros(0, tokens, 256, device=self.device), torch.zeros(0, tokens, device=self.device), []
+
+    def _decode(self, embeddings, counts, prompts, tokens: int, sizes, want_masks: bool, chunk: int):
+        """The decoder's transformer for all prompts of a batch of images, `chunk` prompts at a time.
+
+        Same computation as MaskDecoder.predict_masks, stopped after the transformer (and the IoU head)
+        unless masks are wanted.
+        """
+        sparse, dense = prompts  # (N, P, 256), (N, 256, h, w)
+        dec = self.sam.mask_decoder
+        image_pe = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, h, w)
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)  # (5, 256)
         image_index = torch.repeat_interleave(
-            torch.arange(len(points), device=device), torch.tensor(counts, device=device)
-        )
-        input_sizes = [ResizeLongestSide.get_preprocess_shape(h, w, self.img_size) for h, w in original_sizes]
-        t, i, m = self._decode(
-            embeddings, image_index, sparse, dense, 3, original_sizes, input_sizes, masks, chunk
-        )
-        return self._split(counts, t, i, m, masks)
+            torch.arange(len(counts), device=self.device), torch.tensor(counts, device=self.device)
+        )  # (N,) the image of each prompt
+        out_tokens, out_iou, out_masks = [], [], []
+        for start in range(0, len(image_index), chunk):
+            index = image_index[start : start + chunk]
+            n = len(index)
+            src = embeddings[index] + dense[start : start + chunk]  # (n, 256, h, w)
+            query = torch.cat([output_tokens.expand(n, -1, -1), sparse[start : start + chunk]], dim=1)
+            with self._autocast():
+                hs, src_out = dec.transformer(src, image_pe.expand(n, -1, -1, -1), query)  # (n, 5+P, 256)
+                iou = dec.iou_prediction_head(hs[:, 0])[:, IOU_SLICES[tokens]]  # (n, T)
+            token = hs[:, TOKEN_SLICES[tokens]].float()  # (n, T, 256)
+            out_tokens.append(token)
+            out_iou.append(iou.float())
+            if want_masks:
+                low = self._low_res_masks(src_out, src.shape, token, iou.float(), tokens)  # (n, 4h, 4w)
+                out_masks.extend(self._full_masks(low, index.tolist(), sizes))
+        return torch.cat(out_tokens), torch.cat(out_iou), out_masks
+
+    def _low_res_masks(self, src_out, shape, token, iou, tokens: int) -> torch.Tensor:
+        """Each prompt's mask logits for the token SAM rates best (of its T): [n, 4h, 4w]."""
+        dec = self.sam.mask_decoder
+        n, c, h, w = shape
+        with self._autocast():
+            up = dec.output_upscaling(src_out.transpose(1, 2).reshape(n, c, h, w)).float()  # (n, 32, 4h, 4w)
+        best = iou.argmax(1)  # (n,)
+        first = MASK_INDEX_OFFSET[tokens]
+        hyper = torch.stack(
+            [dec.output_hypernetworks_mlps[first + t](token[:, t]) for t in range(tokens)], dim=1
+        )  # (n, T, 32)
+        hyper = hyper[torch.arange(n, device=hyper.device), best]  # (n, 32)
+        return (hyper.unsqueeze(1) @ up.flatten(2)).view(n, up.shape[-2], up.shape[-1])
+
+    def _full_masks(self, low: torch.Tensor, image_of: list[int], sizes, group: int = 16) -> list[dict]:
+        """Low-res mask logits -> binary masks of the original image size (SAM's postprocess) -> RLE."""
+        out = []
+        for start in range(0, len(low), group):  # a few at a time: full-size masks are large
+            stop = min(start + group, len(low))
+            j = start
+            while j < stop:  # runs of prompts of the same image share one postprocess call
+                k = j
+                while k < stop and image_of[k] == image_of[j]:
+                    k += 1
+                h, w = sizes[image_of[j]]
+                input_size = ResizeLongestSide.get_preprocess_shape(h, w, self.img_size)
+                full = self.sam.postprocess_masks(
+                    low[j:k, None], input_size, (int(h), int(w))
+                )  # (m, 1, H, W)
+                out.extend(encode_rle((full[:, 0] > self.sam.mask_threshold).cpu().numpy()))
+                j = k
+        return out
+
+    def _split(self, counts, decoded, want_masks: bool) -> list[RegionTokens]:
+        tokens, iou, masks = decoded
+        out, start = [], 0
+        for n in counts:
+            stop = start + n
+            out.append(
+                RegionTokens(tokens[start:stop], iou[start:stop], masks[start:stop] if want_masks else None)
+            )
+            start = stop
+        return out
 
     def automatic_boxes(self, image: np.ndarray, points_per_side: int = 32, **options) -> np.ndarray:
-        """Boxes [N, 4] XYXY of the regions SAM's automatic mask generator finds in the image
-        (`options`: further SamAutomaticMaskGenerator arguments, e.g. pred_iou_thresh)."""
+        """Boxes [N, 4] XYXY (original pixels) of the regions SAM's automatic mask generator finds.
+
+        `options`: further SamAutomaticMaskGenerator arguments (e.g. pred_iou_thresh; tiny SAM needs low ones).
+        """
         from segment_anything import SamAutomaticMaskGenerator
 
         generator = SamAutomaticMaskGenerator(self.sam, points_per_side=points_per_side, **options)

@@ -1,0 +1,49 @@
+"""What makes two sets of backbone weights the same (DESIGN.md §4), and the fixed seed of `tiny`.
+
+The fingerprint hashes the weights as loaded (not the tag or path they came from), the token choice
+and the CLIP input size: shards, checkpoints and predictions agree exactly when it does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+TINY_SEED = 20231102
+
+
+@contextmanager
+def tiny_seed(seed: int = TINY_SEED) -> Iterator[None]:
+    """Seed torch's CPU generator for building a `tiny` model, restoring the caller's random state after.
+
+    Every stage that names `tiny` gets bit-identical weights, whatever it drew from the global RNG before.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict: sorted names, then each tensor's dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            # a byte view of the contiguous CPU tensor: hashed in place, no extra copy (4 GB for vit_h + ViT-L)
+            flat = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            digest.update(memoryview(flat.numpy()))
+    return digest.hexdigest()
+
+
+def backbones_fingerprint(sam_sha256: str, clip_sha256: str, sam_tokens: int, clip_size: int) -> str:
+    """The backbones' identity: both weight hashes, the SAM token choice and the CLIP input size."""
+    key = json.dumps(
+        {"sam": sam_sha256, "clip": clip_sha256, "sam_tokens": int(sam_tokens), "clip_size": int(clip_size)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()
