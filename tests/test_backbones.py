@@ -236,7 +236,8 @@ def test_tiny_clip_map_equals_open_clip_before_ln_post(tiny):
 
 @pytest.mark.slow
 def test_vit_b16_state_dict_map_equals_open_clip(tmp_path):
-    """ViT-B-16-quickgelu random weights as a state-dict file, loaded through --clip-pretrained PATH."""
+    """ViT-B-16-quickgelu random weights as a state-dict file, loaded through --clip-pretrained PATH, run at
+    its native 224 px and at 160 px (position embeddings interpolated; the map still open_clip's own)."""
     with torch.random.fork_rng():
         torch.manual_seed(11)
         reference = open_clip.create_model("ViT-B-16-quickgelu").eval()
@@ -245,9 +246,20 @@ def test_vit_b16_state_dict_map_equals_open_clip(tmp_path):
     backbones = load_backbones(resolve_backbones("bb", sam="tiny", clip_pretrained=path))
     clip = backbones.clip
     assert (clip.image_size, clip.width, clip.embed_dim, clip.num_tokens) == (224, 768, 512, 197)
+    torch.testing.assert_close(clip.model.visual.positional_embedding, reference.visual.positional_embedding)
     prepared = clip.prepare(image(240, 320, 12))[None]
     fp16_close(clip.feature_map(prepared), library_map(reference, prepared))
     assert backbones.info()["clip"]["logit_scale"] == pytest.approx(math.exp(reference.logit_scale.item()))
+
+    spec = resolve_backbones("tiny", clip="ViT-B-16-quickgelu", clip_pretrained=str(path), clip_size=160)
+    clip = load_backbones(spec).clip
+    pos = clip.model.visual.positional_embedding
+    assert pos.shape == (101, 768)
+    torch.testing.assert_close(pos[0], reference.visual.positional_embedding[0])  # class token kept
+    prepared = torch.stack([clip.prepare(image(100, 140, 14)), clip.prepare(image(90, 60, 15))])
+    fmap = clip.feature_map(prepared)
+    assert prepared.shape == (2, 3, 160, 160) and fmap.shape == (2, 101, 768)
+    fp16_close(fmap, library_map(clip.model, prepared))
 
 
 def test_state_dict_and_openai_archive_load_the_same_weights(tiny_configs, tmp_path):
@@ -485,23 +497,3 @@ def test_text_embeddings_of_two_names_by_hand(tiny):
         mean = raw.mean(0)
         torch.testing.assert_close(text[i], mean / mean.norm(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(text[0], text[1])
-
-
-@pytest.mark.slow
-def test_vit_b16_at_160_interpolates_the_position_embeddings(tmp_path):
-    """ViT-B-16-quickgelu random weights run at 160 px: 1 + 10 x 10 tokens, the map still open_clip's own."""
-    with torch.random.fork_rng():
-        torch.manual_seed(13)
-        reference = open_clip.create_model("ViT-B-16-quickgelu").eval()
-    path = tmp_path / "open_clip_pytorch_model.bin"
-    torch.save(reference.state_dict(), path)
-    spec = resolve_backbones("tiny", clip="ViT-B-16-quickgelu", clip_pretrained=str(path), clip_size=160)
-    clip = load_backbones(spec).clip
-    pos = clip.model.visual.positional_embedding
-    assert pos.shape == (101, 768)
-    torch.testing.assert_close(pos[0], reference.visual.positional_embedding[0])  # class token kept
-    prepared = torch.stack([clip.prepare(image(100, 140, 14)), clip.prepare(image(90, 60, 15))])
-    assert prepared.shape == (2, 3, 160, 160)
-    fmap = clip.feature_map(prepared)
-    assert fmap.shape == (2, 101, 768)
-    fp16_close(fmap, library_map(clip.model, prepared))
