@@ -1,4 +1,4 @@
-"""The training stage: loss, stream, learnability, resume, DDP, refusals, no backbones."""
+"""The training stage: loss, schedule, stream, learnability, resume, DDP, refusals, logs, no backbones."""
 
 import json
 import os
@@ -8,201 +8,454 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import yaml
+from train_fixtures import World, write_shardset
+from typer.testing import CliRunner
 
+from regionspot.cli import app
 from regionspot.errors import RegionSpotError
-from regionspot.models.checkpoint import load_head
-from regionspot.shards.manifest import build_manifest, write_json_atomic
-from regionspot.shards.schema import Sample, record_name, shard_name
-from regionspot.shards.storage import open_writer, shard_checksum
-from regionspot.train.config import TrainConfig, load_recipe
+from regionspot.models.checkpoint import load_head, save_head
+from regionspot.models.head import RegionSpotHead
+from regionspot.shards.loader import collate
+from regionspot.shards.shardset import ShardSet
+from regionspot.train.config import TrainConfig, load_recipe, resolve_config
 from regionspot.train.loss import region_focal_loss
-from regionspot.train.trainer import run_train
-
-GRID, C, D, K = 4, 128, 32, 4
-
-
-def write_shardset(path, samples, text, fingerprint="fp", shard_size=20, clip_model="synthetic"):
-    """A shard set in the layout `regionspot extract` writes."""
-    path.mkdir(parents=True)
-    records = []
-    for i in range(0, len(samples), shard_size):
-        index = i // shard_size
-        writer = open_writer("wds", path / shard_name(index, "wds"))
-        for s in samples[i : i + shard_size]:
-            writer.write(s)
-        writer.close()
-        sha, nbytes = shard_checksum(path / shard_name(index, "wds"))
-        chunk = samples[i : i + shard_size]
-        records.append({"index": index, "name": shard_name(index, "wds"), "samples": len(chunk),
-                        "regions": sum(s.num_regions for s in chunk), "bytes": nbytes, "sha256": sha, "skipped": []})
-        write_json_atomic(path / record_name(index), records[-1])
-    identity = {
-        "dataset": {"name": path.name, "sources": {}}, "proposals": {"source": "gt"}, "storage": "wds",
-        "backbones": {"sam": {"model": "synthetic", "tokens": 1},
-                      "clip": {"model": clip_model, "image_size": 32, "width": C,
-                               "embed_dim": text.shape[1], "logit_scale": 100.0},
-                      "fingerprint": fingerprint},
-        "run": {"shard_size": shard_size},
-    }
-    vocab = [{"id": k + 1, "name": f"c{k}", "synonyms": [], "frequency": "f"} for k in range(len(text))]
-    write_json_atomic(path / "manifest.json", build_manifest(identity, records, vocab))
-    np.save(path / "text_embeddings.npy", text.astype(np.float32), allow_pickle=False)
-    return path
+from regionspot.train.stream import DatasetReader, TrainStream
+from regionspot.train.trainer import lr_at, run_train
 
 
-def synthetic_samples(n_images, seed, shuffle_maps=False):
-    """Each region's class is the prototype the CLIP map holds at the region's cell; the SAM token says
-    only which cell. Neither alone decides the class. Like a real CLIP map, every map token also
-    carries its position (a fixed code per cell)."""
-    rng = np.random.default_rng(0)
-    prototypes = rng.normal(size=(K, C))
-    positions = rng.normal(size=(GRID * GRID, C))
-    cell_codes = rng.normal(size=(GRID * GRID, 256))
-    rng = np.random.default_rng(seed + 1)
-    maps, samples = [], []
-    for i in range(n_images):
-        classes = rng.integers(0, K, GRID * GRID)  # the class at every cell
-        cells_map = prototypes[classes] + positions + 0.1 * rng.normal(size=(GRID * GRID, C))
-        clip_map = np.concatenate([np.zeros((1, C)), cells_map])
-        cells = rng.choice(GRID * GRID, 4, replace=False)
-        tokens = cell_codes[cells] + 0.1 * rng.normal(size=(4, 256))
-        maps.append(clip_map)
-        samples.append(Sample(
-            key=str(i), image_id=i, file_name=f"{i}.jpg", width=64, height=64,
-            boxes=np.tile(np.array([0, 0, 8, 8], np.float32), (4, 1)), labels=classes[cells].astype(np.int32),
-            scores=np.ones(4, np.float32), sam_tokens=tokens[:, None].astype(np.float16),
-            sam_iou=np.ones((4, 1), np.float16), clip_map=clip_map.astype(np.float16),
-        ))
-    if shuffle_maps:  # the control: every image gets another image's map
-        order = np.roll(np.arange(n_images), 1)
-        for s, j in zip(samples, order, strict=True):
-            s.clip_map = maps[j].astype(np.float16)
-    return samples
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The heads here are tiny: one intra-op thread is several times faster than two on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def text():
-    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(D, K)))
-    return q.T  # K orthonormal class embeddings
+def world():
+    return World()
 
 
-def _accuracy(run, samples, text):
-    head, _, _ = load_head(run / "checkpoints" / "last")
-    correct = total = 0
-    with torch.no_grad():
-        for s in samples:
-            logits = head(torch.from_numpy(s.sam_tokens[:, 0].astype(np.float32))[None],
-                          torch.from_numpy(s.clip_map.astype(np.float32))[None], torch.from_numpy(text).float())
-            correct += int((logits[0].argmax(-1).numpy() == s.labels).sum())
-            total += s.num_regions
-    return correct / total
+@pytest.fixture(scope="module")
+def text(world):
+    return world.text()
 
 
-def _cfg(shards, out, **kw):
-    base = dict(shards=[shards], out=out, steps=20, batch_size=8, lr=1e-3, warmup_steps=5, lr_drop_steps=[],
-                save_every=10, log_every=5, workers=2)
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory, world, text):
+    """60 images (every 6th without regions) in 9 shards of 7."""
+    path = tmp_path_factory.mktemp("sets") / "small"
+    return write_shardset(path, world.samples(60, 1, empty_every=6), text, shard_size=7)
+
+
+def _cfg(path, out, **kw):
+    base = dict(
+        shards=[path],
+        out=out,
+        steps=8,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=2,
+        lr_drop_steps=[],
+        save_every=4,
+        log_every=2,
+        workers=0,
+        shuffle_buffer=8,
+        num_layers=1,
+        num_heads=4,
+        ff_dim=64,
+    )
     return TrainConfig(**{**base, **kw})
 
 
+def _same_weights(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+# --- loss and schedule ---------------------------------------------------------------------------------
+def _official_focal(inputs, targets, alpha=0.25, gamma=2):
+    """regionspot/modeling/regionspot.py: sigmoid_focal_loss(...) * n_box, on [b, n_box, K]."""
+    prob = inputs.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * ce * ((1 - p_t) ** gamma)
+    n_box = inputs.shape[1]
+    return loss.mean(1).sum() / n_box * n_box
+
+
 def test_focal_loss_is_reduced_as_the_official_code():
-    logits = torch.randn(2, 3, 4)
+    logits = 20 * torch.randn(2, 3, 4)
     labels = torch.tensor([[1, 0, -1], [2, -1, -1]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    from torchvision.ops import sigmoid_focal_loss
-
-    expected = 0
-    for b, n in ((0, 2), (1, 1)):
-        targets = torch.nn.functional.one_hot(labels[b, :n], 4).float()
-        expected += sigmoid_focal_loss(logits[b, :n], targets, 0.25, 2.0, reduction="none").mean(0).sum()
+    expected = sum(
+        _official_focal(logits[b : b + 1, :n], F.one_hot(labels[b : b + 1, :n], 4).float())
+        for b, n in ((0, 2), (1, 1))
+    )
     torch.testing.assert_close(region_focal_loss(logits, labels, mask), expected)
+    poisoned = logits.clone()
+    poisoned[1, 2] = float("nan")  # padding never reaches the sum
+    torch.testing.assert_close(region_focal_loss(poisoned, labels, mask), expected)
+    unknown = torch.tensor([[1, -1, -1], [2, -1, -1]])  # a real region with label -1: all negatives
+    all_neg = _official_focal(
+        logits[:1, :2], torch.stack([F.one_hot(torch.tensor(1), 4).float(), torch.zeros(4)])[None]
+    )
+    assert region_focal_loss(
+        logits[:1], unknown[:1], mask[:1] | torch.tensor([[True, True, False]])
+    ) == pytest.approx(float(all_neg))
+
+
+def test_learning_rate_warms_up_and_drops_like_detectron2():
+    cfg = TrainConfig(shards=["x"], lr=1.0, warmup_steps=10, warmup_factor=0.01, lr_drop_steps=[20, 30])
+    assert lr_at(0, cfg) == pytest.approx(0.01)
+    assert lr_at(5, cfg) == pytest.approx(0.01 * 0.5 + 0.5)
+    assert [lr_at(s, cfg) for s in (10, 19, 20, 29, 30)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+def test_recipes_hold_the_paper_values_and_flags_override():
+    for name in ("bb-stage1", "bb-stage2", "bl-stage1", "bl-stage2"):
+        cfg = resolve_config(name, shards=["s"])
+        assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.grad_clip) == (
+            450_000,
+            16,
+            2.5e-5,
+            1e-4,
+            1.0,
+        )
+        assert (cfg.warmup_steps, cfg.lr_drop_steps, cfg.focal_alpha, cfg.focal_gamma) == (
+            1000,
+            [350_000, 420_000],
+            0.25,
+            2,
+        )
+    assert resolve_config("bl-stage1", shards=["s"], lr=1e-4, steps=None).lr == 1e-4
+
+
+# --- the stream ----------------------------------------------------------------------------------------
+def _keys(batch_iter, n):
+    return [list(next(batch_iter)[1].keys) for _ in range(n)]
+
+
+def test_readers_share_the_shards_of_an_epoch_and_skip_empty_images(small_set):
+    shards = ShardSet(small_set)
+    regions = {i: [s.key for s in shards.iter_samples([i]) if s.num_regions] for i in range(9)}
+    seen = []
+    for g in range(3):  # 9 shards, 3 readers: 3 shards each per epoch
+        reader = DatasetReader(shards, 0, g, 3, seed=5, buffer=1)
+        assert len(reader._schedule(0)) == 3
+        seen += [reader.next().key for _ in range(sum(len(regions[i]) for i in reader._schedule(0)))]
+    assert sorted(seen) == sorted(
+        k for keys in regions.values() for k in keys
+    )  # each image with regions once
+    reader = DatasetReader(shards, 0, 0, 1, seed=5, buffer=1)
+    plain = [reader.next().key for _ in range(40)]
+    reader = DatasetReader(shards, 0, 0, 1, seed=5, buffer=16)
+    shuffled = [reader.next().key for _ in range(24)]
+    assert set(shuffled) <= set(plain) and shuffled != plain[:24]  # the buffer reorders nearby images
+    reader = DatasetReader(shards, 0, 0, 1, seed=6, buffer=1)
+    assert [reader.next().key for _ in range(40)] != plain  # another seed, another shard order
+    starving = [
+        DatasetReader(shards, 0, g, 20, seed=5, buffer=2) for g in range(20)
+    ]  # more readers than shards
+    assert all(r.next().num_regions for r in starving)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_stream_continues_exactly_from_its_position(small_set, tmp_path, world, text, workers):
+    other = write_shardset(
+        tmp_path / "other", World(k=3).samples(30, 2, key_prefix="o"), World(k=3).text(), shard_size=10
+    )
+    sets = [ShardSet(small_set), ShardSet(other)]
+    straight = TrainStream(sets, 3, workers=workers, seed=3, buffer=5)
+    _keys(straight, 5)
+    position = straight.position()
+    rest = _keys(straight, 6)
+    datasets = set()
+    resumed = TrainStream(
+        sets, 3, workers=workers, seed=3, buffer=5, position=json.loads(json.dumps(position))
+    )
+    for expected in rest:
+        d, batch = next(resumed)
+        datasets.add(d)
+        assert list(batch.keys) == expected
+        assert batch.labels.max() < (4 if d == 0 else 3)  # labels of that dataset's vocabulary
+    assert datasets == {0, 1}
+    before = straight.position(before_last=True)
+    assert _keys(TrainStream(sets, 3, workers=workers, seed=3, buffer=5, position=before), 1) == [rest[-1]]
+    for s in (straight, resumed):
+        s.close()
+    with pytest.raises(RegionSpotError, match="same --gpus and --workers"):
+        TrainStream(sets, 3, workers=workers + 3, seed=3, position=position)
+
+
+# --- the trainer ---------------------------------------------------------------------------------------
+def _accuracy(run, samples, text):
+    head, _, _ = load_head(run)
+    batch = collate(samples)
+    with torch.no_grad():
+        logits = head(
+            batch.sam_tokens[:, :, 0].float(),
+            batch.clip_map.float(),
+            torch.from_numpy(text),
+            batch.region_mask,
+        )
+    return float((logits.argmax(-1) == batch.labels)[batch.region_mask].float().mean())
 
 
 @pytest.mark.slow
-def test_the_head_learns_to_fuse_where_and_what(tmp_path, text):
-    train = write_shardset(tmp_path / "train", synthetic_samples(400, 0), text)
-    held_out = synthetic_samples(460, 0)[400:]
-    run = run_train(_cfg(train, tmp_path / "run", steps=400, batch_size=16, save_every=400, log_every=50))
-    accuracy = _accuracy(run, held_out, text)
-    control = write_shardset(tmp_path / "control", synthetic_samples(400, 0, shuffle_maps=True), text)
-    control_run = run_train(_cfg(control, tmp_path / "control_run", steps=400, batch_size=16, save_every=400))
-    control_accuracy = _accuracy(control_run, held_out, text)
+def test_the_head_learns_to_fuse_where_and_what(tmp_path, world, text):
+    """A region's class is what the CLIP map holds at the region's cell; only its SAM token says which
+    cell. The head must combine both: with maps shuffled between images it stays at chance."""
+    held_out = world.samples(100, 99)
+    cfg = dict(
+        steps=400, batch_size=16, lr=2e-3, warmup_steps=20, save_every=400, log_every=100, shuffle_buffer=64
+    )
+    train = write_shardset(tmp_path / "train", world.samples(400, 1), text, shard_size=50)
+    run = run_train(_cfg(train, tmp_path / "run", **cfg))
+    control = write_shardset(
+        tmp_path / "control", world.samples(400, 1, shuffle_maps=True), text, shard_size=50
+    )
+    control_run = run_train(_cfg(control, tmp_path / "control_run", **cfg))
+    accuracy, control_accuracy = _accuracy(run, held_out, text), _accuracy(control_run, held_out, text)
     assert accuracy >= 0.9, accuracy
-    assert control_accuracy < 1.5 / K, control_accuracy
+    assert control_accuracy < 1.5 / world.k, control_accuracy
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "loss", "lr", "samples_per_s"} <= set(lines[-1]) and lines[-1]["step"] == 400
-    assert list((run / "tensorboard").iterdir())
+    assert [x["step"] for x in lines] == [100, 200, 300, 400]
+    assert {"loss", "lr", "samples_per_s"} <= set(lines[-1]) and lines[-1]["loss"] < lines[0]["loss"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
 
 
-def test_resume_continues_exactly(tmp_path, text):
-    shards = write_shardset(tmp_path / "s", synthetic_samples(60, 1), text, shard_size=7)
-    straight = run_train(_cfg(shards, tmp_path / "straight", steps=20, save_every=10))
-    partial = _cfg(shards, tmp_path / "resumed", steps=10, save_every=10)
-    run_train(partial)
-    resumed = run_train(_cfg(shards, tmp_path / "resumed", steps=20, save_every=10, resume=True))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly(small_set, tmp_path, workers):
+    straight = run_train(_cfg(small_set, tmp_path / "straight", steps=8, workers=workers))
+    run_train(_cfg(small_set, tmp_path / "resumed", steps=4, workers=workers))
+    state = torch.load(tmp_path / "resumed/checkpoints/step-0000004/trainer_state.pt", weights_only=True)
+    assert state["step"] == 4 and len(state["positions"]) == 1
+    resumed = run_train(_cfg(small_set, tmp_path / "resumed", steps=8, workers=workers, resume=True))
     a, _, _ = load_head(straight)
     b, _, _ = load_head(resumed)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x, y), name
+    _same_weights(a, b)
+    assert (resumed / "checkpoints" / "last").read_text().strip() == "step-0000008"
+    for name in ("step-0000004", "step-0000008"):
+        saved = yaml.safe_load((resumed / "checkpoints" / name / "config.yaml").read_text())
+        assert saved["steps"] in (4, 8) and saved["head"]["num_layers"] == 1
     with pytest.raises(RegionSpotError, match="--resume"):
-        run_train(_cfg(shards, tmp_path / "straight"))
+        run_train(_cfg(small_set, tmp_path / "straight"))
 
 
-def test_refusals_before_any_step(tmp_path, text):
-    a = write_shardset(tmp_path / "a", synthetic_samples(10, 2), text, fingerprint="one")
-    b = write_shardset(tmp_path / "b", synthetic_samples(10, 3), text, fingerprint="two", clip_model="other")
+def test_refusals_before_any_step(tmp_path, world, text, small_set):
+    a = write_shardset(tmp_path / "a", world.samples(10, 2), text, fingerprint="one")
+    b = write_shardset(tmp_path / "b", world.samples(10, 3), text, fingerprint="two", clip_model="other")
     with pytest.raises(RegionSpotError, match="clip.model differs"):
-        run_train(TrainConfig(shards=[a, b], out=tmp_path / "r"))
-    with pytest.raises(RegionSpotError, match="regionspot extract"):
-        run_train(TrainConfig(shards=[tmp_path / "empty_does_not_exist"], out=tmp_path / "r"))
+        run_train(_cfg(a, tmp_path / "r", shards=[a, b]))
+    with pytest.raises(RegionSpotError, match="no shards in"):
+        run_train(_cfg(tmp_path / "missing", tmp_path / "r"))
+    empty = write_shardset(tmp_path / "empty", world.samples(4, 2, empty_every=1), text)
+    with pytest.raises(RegionSpotError, match="no regions to train on"):
+        run_train(_cfg(empty, tmp_path / "r"))
+    other = tmp_path / "other_head"
+    save_head(RegionSpotHead(32, 16, num_layers=1, ff_dim=64), other, "two")
+    with pytest.raises(RegionSpotError, match="--init .*other_head"):
+        run_train(_cfg(a, tmp_path / "r", init=other))
+    wide = tmp_path / "wide_head"
+    save_head(RegionSpotHead(48, 16, num_layers=1, ff_dim=64), wide, "one")
+    with pytest.raises(RegionSpotError, match="clip_width 48"):
+        run_train(_cfg(a, tmp_path / "r", init=wide))
+    with pytest.raises(RegionSpotError, match="mix_weights has 1 values for 2"):
+        c = write_shardset(tmp_path / "c", world.samples(10, 4), text, fingerprint="one")
+        run_train(_cfg(a, tmp_path / "r", shards=[a, c], mix_weights=[1.0]))
     (tmp_path / "bad.yaml").write_text("steps: 3\nlearning_rate: 1\n")
     with pytest.raises(RegionSpotError, match="unknown recipe key.*learning_rate"):
         load_recipe(tmp_path / "bad.yaml")
-    assert load_recipe("bl-stage1")["lr"] == 2.5e-5
+    with pytest.raises(RegionSpotError, match="recipe 'nope' not found; available: bb-stage1"):
+        load_recipe("nope")
+    assert not (tmp_path / "r").exists()  # nothing was written by any refused run
 
 
-def test_a_non_finite_loss_stops_naming_step_and_images(tmp_path, text):
-    samples = synthetic_samples(16, 4)
-    for s in samples:
+def test_init_from_a_checkpoint_and_an_official_pth(tmp_path, small_set):
+    first = run_train(_cfg(small_set, tmp_path / "stage1", steps=2, save_every=2))
+    second = run_train(
+        _cfg(
+            small_set,
+            tmp_path / "stage2",
+            steps=1,
+            init=first / "checkpoints" / "last",
+            lr=1e-9,
+            warmup_steps=0,
+            num_layers=3,
+        )
+    )
+    a, _, _ = load_head(first)
+    b, fingerprint, _ = load_head(second)
+    assert b.config()["num_layers"] == 1 and fingerprint == "fp"  # the architecture comes with --init
+    assert (a.projector.weight - b.projector.weight).abs().max() < 1e-5
+    official = tmp_path / "regionspot_tiny.pth"
+    torch.save({"model": a.to_official_state_dict()}, official)
+    third = run_train(_cfg(small_set, tmp_path / "stage2b", steps=1, init=official))
+    assert load_head(third)[1] == "fp"
+
+
+def test_a_non_finite_loss_stops_naming_step_and_images(tmp_path, world, text):
+    samples = world.samples(16, 4)
+    for s in samples[8:]:
         s.clip_map[:] = np.float16(np.inf)
-    shards = write_shardset(tmp_path / "s", samples, text)
-    with pytest.raises(RegionSpotError, match=r"at step 0 \(images .*"):
-        run_train(_cfg(shards, tmp_path / "run"))
-    assert (tmp_path / "run" / "checkpoints" / "step-0000000" / "head.safetensors").exists()
+    shards = write_shardset(tmp_path / "s", samples, text, shard_size=8)
+    with pytest.raises(RegionSpotError, match=r"loss is nan at step (\d+) \(rank 0, images 000\d\d") as info:
+        run_train(_cfg(shards, tmp_path / "run", steps=20, shuffle_buffer=1, save_every=100))
+    step = int(info.value.args[0].split("at step ")[1].split(" ")[0])
+    saved = tmp_path / "run" / "checkpoints" / f"step-{step:07d}"
+    assert (saved / "trainer_state.pt").exists() and (
+        tmp_path / "run/checkpoints/last"
+    ).read_text().strip() == saved.name
+    head, _, _ = load_head(saved)
+    assert all(torch.isfinite(p).all() for p in head.parameters())
+    with pytest.raises(RegionSpotError, match=f"at step {step} "):  # the resumed run meets the same batch
+        run_train(_cfg(shards, tmp_path / "run", steps=20, shuffle_buffer=1, save_every=100, resume=True))
 
 
-def test_training_mixes_a_folder_of_sets_and_imports_no_backbone(tmp_path, text):
-    write_shardset(tmp_path / "mixed" / "a", synthetic_samples(20, 5), text)
-    write_shardset(tmp_path / "mixed" / "b", synthetic_samples(20, 6), text)
+def test_mixing_a_folder_of_sets_imports_no_backbone(tmp_path, world, text):
+    write_shardset(tmp_path / "mixed" / "a", world.samples(20, 5, key_prefix="a"), text)
+    write_shardset(
+        tmp_path / "mixed" / "b",
+        World(k=3).samples(20, 6, key_prefix="b", regions=2),
+        World(k=3).text(),
+        shard_size=5,
+    )
     code = (
         "import sys, pathlib; from regionspot.train.config import TrainConfig; "
         "from regionspot.train.trainer import run_train; "
         f"run_train(TrainConfig(shards=[pathlib.Path({str(tmp_path / 'mixed')!r})], out=pathlib.Path({str(tmp_path / 'run')!r}), "
-        "steps=4, batch_size=4, save_every=4, warmup_steps=1)); "
-        "bad = [m for m in ('segment_anything', 'open_clip', 'regionspot.models.sam', 'regionspot.models.clip') if m in sys.modules]; "
-        "print('BACKBONES', bad)"
+        "steps=6, batch_size=4, save_every=6, warmup_steps=1, workers=0, num_layers=1, ff_dim=32, log_every=1)); "
+        "bad = [m for m in sys.modules if m.startswith(('segment_anything', 'open_clip', 'regionspot.models.sam', "
+        "'regionspot.models.clip', 'regionspot.models.presets', 'regionspot.extract'))]; print('BACKBONES', bad)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert "BACKBONES []" in out.stdout
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["head"]["clip_width"] == 32 and config["fingerprint"] == "fp"
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_three_tokens_per_region_train(tmp_path, text):
+    three = World(tokens=3)
+    shards = write_shardset(tmp_path / "t3", three.samples(12, 7), text, shard_size=6)
+    run = run_train(_cfg(shards, tmp_path / "run", steps=2, save_every=2))
+    assert load_head(run)[0].config()["clip_width"] == 32
+
+
+def test_cli_train_and_convert_official(tmp_path, small_set):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0 and "--shards" in result.output and "--resume" in result.output
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "num_layers: 1\nff_dim: 32\nnum_heads: 4\nwarmup_steps: 1\nlr_drop_steps: []\nshuffle_buffer: 4\n"
+    )
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--shards",
+            str(small_set),
+            "--recipe",
+            str(recipe),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--save-every",
+            "2",
+            "--seed",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (config["steps"], config["ff_dim"], config["seed"], config["lr"]) == (2, 32, 3, 2.5e-5)
+    head, _, _ = load_head(tmp_path / "run")
+    torch.save({"model": head.to_official_state_dict(), "iteration": 1}, tmp_path / "official.pth")
+    result = runner.invoke(
+        app, ["convert-official", str(tmp_path / "official.pth"), "-o", str(tmp_path / "converted")]
+    )
+    assert result.exit_code == 0, result.output
+    converted, fingerprint, imported = load_head(tmp_path / "converted", fingerprint_if_imported="chosen")
+    assert (fingerprint, imported) == ("chosen", True)
+    _same_weights(converted, head)
 
 
 @pytest.mark.slow
-def test_ddp_with_two_cpu_processes(tmp_path, text):
-    shards = write_shardset(tmp_path / "s", synthetic_samples(30, 7), text, shard_size=5)
+def test_ddp_with_two_cpu_processes(tmp_path, small_set):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "regionspot.cli", "train", "--shards", str(shards), "--out", str(tmp_path / "run"), "--steps", "6",
-           "--batch-size", "4", "--save-every", "3"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "run" / "checkpoints" / "step-0000006" / "trainer_state.pt").exists()
-    state = torch.load(tmp_path / "run" / "checkpoints" / "step-0000006" / "trainer_state.pt", weights_only=True)
-    assert len(state["streams"]) == 2 and state["step"] == 6
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "num_layers: 1\nff_dim: 32\nnum_heads: 4\nwarmup_steps: 1\nlr_drop_steps: []\nshuffle_buffer: 4\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "regionspot.cli",
+        "train",
+        "--shards",
+        str(small_set),
+        "--recipe",
+        str(recipe),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "2",
+        "--workers",
+        "1",
+        "--gpus",
+        "2",
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = torch.load(tmp_path / "run/checkpoints/step-0000004/trainer_state.pt", weights_only=True)
+    assert (
+        state["step"] == 4 and state["world"] == 2 and len(state["positions"]) == 2 and len(state["rng"]) == 2
+    )
+    assert state["positions"][0]["readers"] != state["positions"][1]["readers"]  # ranks read different images
+    out = subprocess.run(
+        [*cmd[:-6], "--steps", "6", "--save-every", "2", "--workers", "1", "--gpus", "2", "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run/checkpoints/last").read_text().strip() == "step-0000006"
 
 
 def test_trainer_runs_on_extracted_toy_shards(toy_shards, tmp_path):
-    run = run_train(TrainConfig(shards=[toy_shards["toy"]], out=tmp_path / "run", steps=6, batch_size=4, save_every=6,
-                                warmup_steps=2, lr_drop_steps=[]))
+    run = run_train(
+        TrainConfig(
+            shards=[toy_shards["toy"]],
+            out=tmp_path / "run",
+            steps=4,
+            batch_size=4,
+            save_every=4,
+            warmup_steps=1,
+            lr_drop_steps=[],
+            workers=0,
+            shuffle_buffer=8,
+            ff_dim=64,
+        )
+    )
     head, fingerprint, _ = load_head(run)
-    from regionspot.shards.shardset import ShardSet
-
-    assert fingerprint == ShardSet(toy_shards["toy"]).fingerprint
+    shards = ShardSet(toy_shards["toy"])
+    assert fingerprint == shards.fingerprint
+    assert head.config()["clip_width"] == shards.backbones["clip"]["width"]
+    assert head.logit_scale == shards.logit_scale

@@ -1,175 +1,342 @@
-"""The training stream: endless, seeded, resumable batches mixed from one or more shard sets.
+"""The training stream: endless, seeded, resumable padded batches mixed from one or more shard sets.
 
-Per step and rank: a dataset is drawn (equal weights by default, as the paper's sampler), and the
-micro-batch is that dataset's next `batch_size` images with regions. Each dataset's reader walks
-its shards in a seeded order per epoch (rank r of W takes every W-th shard; with fewer shards than
-ranks, shards are reused so no rank starves) and interleaves `open_shards` shards at random, a
-cheap shuffle that needs no buffer. The whole position — RNG states, epoch, shard cursor and the
-offset of every open shard — is a small dict, so a resumed run reads exactly what an uninterrupted
-one would have read.
+What flows: shard files -> `DatasetReader` (images with regions, shuffled in a buffer) -> `MixedReader`
+(one dataset per micro-batch) -> `collate` (regions padded, with a mask) -> DataLoader workers ->
+(dataset index, Batch) for the step.
+
+Readers. Each (rank, DataLoader worker) is one reader g of R = world x workers, with its own seeded
+generators, so what a reader yields depends only on (seed, g, R), never on timing. Per dataset, a reader
+walks the shards an epoch permutation gives it (positions g, g + R, ... of a permutation seeded by
+(seed, dataset, epoch)); with fewer shards than readers it draws shards at random with replacement,
+so no reader starves. Images with zero regions are skipped. A shuffle buffer of `buffer` images per
+dataset mixes neighbouring samples (webdataset's shuffle). Per micro-batch, the reader draws a dataset
+by the mixing weights (equal by default, as the paper's sampler) and takes `batch_size` images from it:
+each micro-batch has one vocabulary.
+
+Data position. A reader's state is small: its generators' states, epoch and cursor, (shard, offset) of
+the shard it reads, and (shard, offset) references of the images in its buffer (re-read on resume).
+Every batch leaves its worker with the state after it; `TrainStream` keeps the state of the last batch
+it handed out from each reader and which reader comes next (the DataLoader visits workers in turn).
+`TrainStream.position()` is what a checkpoint stores; a stream built from it yields exactly the
+batches the uninterrupted stream would have, with any number of workers (the same number as before).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import copy
 import zlib
-from collections.abc import Iterator
+from collections.abc import Sequence
 
 import numpy as np
+import torch
 
+from regionspot.errors import RegionSpotError
 from regionspot.shards.loader import Batch, collate
 from regionspot.shards.schema import Sample
 from regionspot.shards.shardset import ShardSet
-from regionspot.shards.storage import read_shard
+from regionspot.shards.storage import iter_shard
 
-
-class _OpenShard:
-    def __init__(self, shards: ShardSet, index: int, offset: int = 0):
-        self.index, self.offset = index, offset
-        self._it = read_shard(shards.shard_paths[index])
-        for _ in range(offset):  # resume: skip what was already read
-            next(self._it)
-
-    def next(self) -> Sample | None:
-        sample = next(self._it, None)
-        if sample is not None:
-            self.offset += 1
-        return sample
+POSITION_VERSION = 1
 
 
 class DatasetReader:
-    """One dataset's endless sample stream for one rank."""
+    """One dataset's endless stream of images with regions, for reader `reader` of `readers`."""
 
     def __init__(
         self,
         shards: ShardSet,
-        rank: int,
-        world: int,
+        dataset: int,
+        reader: int,
+        readers: int,
         seed: int,
-        open_shards: int = 4,
+        buffer: int = 256,
         shuffle_labels: bool = False,
         state: dict | None = None,
     ):
-        self.shards, self.rank, self.world, self.seed = shards, rank, world, seed
-        self.open_shards, self.shuffle_labels = open_shards, shuffle_labels
-        self.rng = np.random.default_rng([seed, rank, 1])
-        self.epoch, self.cursor, self.open = 0, 0, []
+        self.shards, self.dataset, self.reader, self.readers = shards, dataset, reader, readers
+        self.seed, self.buffer_size, self.shuffle_labels = seed, buffer, shuffle_labels
+        self.num_shards = len(shards.shard_paths)
+        self.rng = np.random.default_rng([seed, dataset, reader, 1])
+        self.epoch, self.cursor = 0, 0  # position in this reader's shard list of the epoch
+        self.shard: int | None = None  # the shard being read ...
+        self.offset = 0  # ... and the index in it of the next sample to read
+        self.buffer: list[tuple[int, int, Sample]] = []  # (shard, index, sample)
+        self._it = None
+        self._schedule_cache: tuple[int, list[int]] | None = None
         if state is not None:
-            self.rng.bit_generator.state = state["rng"]
-            self.epoch, self.cursor = state["epoch"], state["cursor"]
-            self.open = [_OpenShard(shards, i, off) for i, off in state["open"]]
+            self._restore(state)
+
+    # --- which shards -------------------------------------------------------------------------
+    def _schedule(self, epoch: int) -> list[int]:
+        """This reader's shards in `epoch` (needs num_shards >= readers)."""
+        if self._schedule_cache is None or self._schedule_cache[0] != epoch:
+            order = np.random.default_rng([self.seed, self.dataset, epoch, 2]).permutation(self.num_shards)
+            self._schedule_cache = (epoch, order[self.reader :: self.readers].tolist())
+        return self._schedule_cache[1]
+
+    def _next_shard(self) -> None:
+        if self.num_shards < self.readers:  # too few shards to share out: draw with replacement
+            self.shard = int(self.rng.integers(self.num_shards))
+        else:
+            if self.cursor >= len(self._schedule(self.epoch)):
+                self.epoch, self.cursor = self.epoch + 1, 0
+            self.shard = self._schedule(self.epoch)[self.cursor]
+            self.cursor += 1
+        self.offset, self._it = 0, None
+
+    def _read(self) -> tuple[int, int, Sample]:
+        """The next image with regions, in stored order: (shard, index in shard, sample)."""
+        misses, limit = 0, 20 * (self.shards.num_images + self.num_shards) + 100
+        while True:
+            if self.shard is None:
+                self._next_shard()
+            if self._it is None:
+                self._it = iter_shard(self.shards.shard_paths[self.shard], self.offset)
+            item = next(self._it, None)
+            misses += 1
+            if misses > limit:
+                raise RegionSpotError(
+                    f"{self.shards.path}: no image with regions found; extract a set with boxes"
+                )
+            if item is None:
+                self.shard, self._it = None, None
+                continue
+            index, sample = item
+            self.offset = index + 1
+            if sample.num_regions > 0:
+                return self.shard, index, sample
+
+    # --- samples ------------------------------------------------------------------------------
+    def next(self) -> Sample:
+        """The next training image (at least one region), drawn at random from the buffer."""
+        while len(self.buffer) < self.buffer_size:
+            self.buffer.append(self._read())
+        j = int(self.rng.integers(len(self.buffer)))
+        self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+        sample = self.buffer.pop()[2]
+        if self.shuffle_labels:  # the control: labels that carry nothing about the region
+            rng = np.random.default_rng([self.seed, zlib.crc32(sample.key.encode())])
+            sample.labels = rng.integers(0, len(self.shards.vocabulary), sample.num_regions).astype(np.int32)
+        return sample
 
     def state(self) -> dict:
         return {
             "rng": self.rng.bit_generator.state,
             "epoch": self.epoch,
             "cursor": self.cursor,
-            "open": [[s.index, s.offset] for s in self.open],
+            "shard": self.shard,
+            "offset": self.offset,
+            "buffer": [[s, k] for s, k, _ in self.buffer],
+            "num_shards": self.num_shards,
         }
 
-    def _my_shards(self, epoch: int) -> list[int]:
-        n = len(self.shards.shard_paths)
-        order = np.random.default_rng([self.seed, epoch, 2]).permutation(n).tolist()
-        return [order[i % n] for i in range(self.rank, max(n, self.world), self.world)]
-
-    def _refill(self) -> None:
-        while len(self.open) < self.open_shards:
-            mine = self._my_shards(self.epoch)
-            if self.cursor >= len(mine):
-                if not self.open:
-                    self.epoch, self.cursor = self.epoch + 1, 0
-                    continue
-                return
-            self.open.append(_OpenShard(self.shards, mine[self.cursor]))
-            self.cursor += 1
-
-    def next(self) -> Sample:
-        """The next image with at least one region."""
-        empty_passes = 0
-        while True:
-            self._refill()
-            pick = int(self.rng.integers(len(self.open)))
-            sample = self.open[pick].next()
-            if sample is None:
-                self.open.pop(pick)
-                empty_passes += 1
-                if empty_passes > 10 * (len(self.shards.shard_paths) + self.open_shards):
-                    raise RuntimeError(f"{self.shards.path}: no image with regions")
-                continue
-            if sample.num_regions == 0:
-                continue
-            if self.shuffle_labels:  # the control: labels that carry nothing about the region
-                rng = np.random.default_rng([self.seed, zlib.crc32(sample.key.encode())])
-                sample.labels = rng.integers(0, len(self.shards.vocabulary), sample.num_regions).astype(
-                    np.int32
-                )
-            return sample
+    def _restore(self, state: dict) -> None:
+        if state["num_shards"] != self.num_shards:
+            raise RegionSpotError(
+                f"{self.shards.path} now has {self.num_shards} shards, the checkpoint's stream read "
+                f"{state['num_shards']}; resume with the shard sets the run started with"
+            )
+        self.rng.bit_generator.state = state["rng"]
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.shard, self.offset = state["shard"], state["offset"]
+        wanted: dict[int, set[int]] = {}
+        for s, k in state["buffer"]:
+            wanted.setdefault(s, set()).add(k)
+        found = {}
+        for s, ks in wanted.items():
+            for k, sample in iter_shard(
+                self.shards.shard_paths[s], min(ks), max(ks) + 1, keep=ks.__contains__
+            ):
+                found[s, k] = sample
+        missing = [ref for ref in map(tuple, state["buffer"]) if ref not in found]
+        if missing:
+            raise RegionSpotError(
+                f"{self.shards.path}: shard {missing[0][0]} lacks sample {missing[0][1]} the checkpoint's stream "
+                "held; resume with the shard sets the run started with"
+            )
+        self.buffer = [(s, k, found[s, k]) for s, k in state["buffer"]]
 
 
-class MixedStream:
-    """Batches for one rank: (dataset index, Batch, stream state after this batch)."""
+class MixedReader:
+    """One reader's micro-batches: a dataset drawn per batch, then `batch_size` of its images."""
 
     def __init__(
         self,
-        sets: list[ShardSet],
+        sets: Sequence[ShardSet],
         batch_size: int,
-        rank: int = 0,
-        world: int = 1,
-        seed: int = 0,
-        weights: list[float] | None = None,
+        reader: int,
+        readers: int,
+        seed: int,
+        weights: Sequence[float] | None = None,
+        buffer: int = 256,
         shuffle_labels: bool = False,
         state: dict | None = None,
-        open_shards: int = 4,
     ):
-        self.sets, self.batch_size = sets, batch_size
+        self.batch_size = batch_size
         w = np.asarray(weights if weights is not None else [1.0] * len(sets), float)
         self.weights = w / w.sum()
-        self.rng = np.random.default_rng([seed, rank, 0])
-        states = state["readers"] if state else [None] * len(sets)
-        if state:
+        self.rng = np.random.default_rng([seed, reader, 0])
+        states = state["datasets"] if state is not None else [None] * len(sets)
+        if len(states) != len(sets):
+            raise RegionSpotError(
+                f"the checkpoint's stream mixed {len(states)} shard sets, this run finds {len(sets)}; "
+                "resume with the shard sets the run started with"
+            )
+        if state is not None:
             self.rng.bit_generator.state = state["rng"]
-        self.readers = [
-            DatasetReader(s, rank, world, seed + 1000 * i, open_shards, shuffle_labels, st)
+        self.datasets = [
+            DatasetReader(s, i, reader, readers, seed, buffer, shuffle_labels, st)
             for i, (s, st) in enumerate(zip(sets, states, strict=True))
         ]
 
+    def next_batch(self) -> tuple[int, list[Sample]]:
+        d = int(self.rng.choice(len(self.datasets), p=self.weights)) if len(self.datasets) > 1 else 0
+        return d, [self.datasets[d].next() for _ in range(self.batch_size)]
+
     def state(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "readers": [r.state() for r in self.readers]}
-
-    def next(self) -> tuple[int, Batch, dict]:
-        d = int(self.rng.choice(len(self.sets), p=self.weights))
-        samples = [self.readers[d].next() for _ in range(self.batch_size)]
-        return d, collate(samples), self.state()
+        return {"rng": self.rng.bit_generator.state, "datasets": [r.state() for r in self.datasets]}
 
 
-def prefetch(stream: MixedStream, depth: int = 4, pin: bool = False) -> Iterator[tuple[int, Batch, dict]]:
-    """Run the stream in a background thread so the step never waits for reading and collating."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class _Readers(torch.utils.data.IterableDataset):
+    """The DataLoader's dataset: worker w runs logical reader (w + first) mod W of this rank, so a
+    resumed loader (which starts at worker 0) continues with the reader whose turn it was."""
 
-    def work():
-        try:
-            while not stop.is_set():
-                d, batch, state = stream.next()
-                if pin:
-                    batch = batch.pin_memory()
-                while not stop.is_set():
-                    try:
-                        q.put((d, batch, state), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:
-            q.put(e)
+    def __init__(
+        self, sets, batch_size, rank, world, workers, seed, weights, buffer, shuffle_labels, states, first
+    ):
+        super().__init__()
+        self.sets, self.batch_size, self.rank, self.world, self.workers = (
+            sets,
+            batch_size,
+            rank,
+            world,
+            workers,
+        )
+        self.seed, self.weights, self.buffer, self.shuffle_labels = seed, weights, buffer, shuffle_labels
+        self.states, self.first = states, first
 
-    thread = threading.Thread(target=work, name="regionspot-train-stream", daemon=True)
-    thread.start()
-    try:
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        logical = ((0 if info is None else info.id) + self.first) % self.workers
+        reader = MixedReader(
+            self.sets,
+            self.batch_size,
+            self.rank * self.workers + logical,
+            self.world * self.workers,
+            self.seed,
+            self.weights,
+            self.buffer,
+            self.shuffle_labels,
+            self.states[logical],
+        )
         while True:
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+            d, samples = reader.next_batch()
+            yield collate(samples), {"reader": logical, "dataset": d, "state": reader.state()}
+
+
+class TrainStream:
+    """Endless (dataset index, Batch) for one rank; `position()` lets a checkpoint continue it exactly.
+
+    Args:
+        sets: the shard sets to mix (fingerprints already checked).
+        batch_size: images per micro-batch (this rank's share of the global batch).
+        rank, world: this process among the data-parallel ranks.
+        workers: DataLoader worker processes (0: read in this process); each is one reader.
+        seed: the stream's seed (the same on every rank; readers differ by their index).
+        weights: mixing weight per set (default equal).
+        buffer: shuffle-buffer size per reader and dataset.
+        position: a `position()` from a checkpoint, to continue that stream.
+        pin_memory: pin batches (for asynchronous copies to a GPU); prefetch: batches per worker ahead.
+    """
+
+    def __init__(
+        self,
+        sets: Sequence[ShardSet],
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 0,
+        seed: int = 0,
+        weights: Sequence[float] | None = None,
+        buffer: int = 256,
+        shuffle_labels: bool = False,
+        position: dict | None = None,
+        pin_memory: bool = False,
+        prefetch: int = 4,
+    ):
+        self.readers = max(1, workers)
+        self.world, self.pin = world, pin_memory and workers == 0
+        if position is not None:
+            if position.get("version") != POSITION_VERSION:
+                raise RegionSpotError("the checkpoint's data position has an unknown layout; start a new run")
+            if (position["world"], position["workers"]) != (world, self.readers):
+                raise RegionSpotError(
+                    f"the run was started with {position['world']} rank(s) x {position['workers']} reader(s) per "
+                    f"rank, now {world} x {self.readers}; resume with the same --gpus and --workers (the data "
+                    "position belongs to those readers)"
+                )
+            self.states, self.next_reader = copy.deepcopy(position["readers"]), position["next"]
+        else:
+            self.states, self.next_reader = [None] * self.readers, 0
+        dataset = _Readers(
+            list(sets),
+            batch_size,
+            rank,
+            world,
+            self.readers,
+            seed,
+            weights,
+            buffer,
+            shuffle_labels,
+            list(self.states),
+            self.next_reader,
+        )
+        self._loader, self._undo = None, None
+        if workers == 0:
+            self._it = iter(dataset)
+        else:
+            self._loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=pin_memory,
+                prefetch_factor=prefetch,
+                # its own generator: starting workers must not draw from the global RNG (dropout's)
+                generator=torch.Generator().manual_seed(seed),
+            )
+            self._it = iter(self._loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, Batch]:
+        batch, info = next(self._it)
+        if info["reader"] != self.next_reader:  # the DataLoader visits workers in turn; never otherwise
+            raise RuntimeError(f"batch from reader {info['reader']}, expected reader {self.next_reader}")
+        self._undo = (info["reader"], self.states[info["reader"]])
+        self.states[info["reader"]] = info["state"]
+        self.next_reader = (info["reader"] + 1) % self.readers
+        if self.pin:
+            batch = batch.pin_memory()
+        return info["dataset"], batch
+
+    def position(self, before_last: bool = False) -> dict:
+        """The data position after the last batch handed out (plain data: a checkpoint stores it), or
+        with `before_last` the one before it (a stream built from it yields that batch again)."""
+        states, following = self.states, self.next_reader
+        if before_last and self._undo is not None:
+            reader, previous = self._undo
+            states, following = list(states), reader
+            states[reader] = previous
+        return {
+            "version": POSITION_VERSION,
+            "world": self.world,
+            "workers": self.readers,
+            "next": following,
+            "readers": copy.deepcopy(states),
+        }
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self._it = None
+        self._loader = None
