@@ -130,40 +130,38 @@ def shards_verify(
 @app.command()
 def train(
     shards: Annotated[list[Path], typer.Option(help="A shard set, or a folder of shard sets (one per dataset) to mix; repeatable.")],
-    recipe: Annotated[str | None, typer.Option(help="A recipe (bb-stage1, bb-stage2, bl-stage1, bl-stage2) or a YAML file; flags override it.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="A recipe (bb-stage1, bb-stage2, bl-stage1, bl-stage2) or a YAML file of TrainConfig values; flags override it.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/regionspot).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps (paper: 450000).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (paper: 450000).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step over all ranks (paper: 16).")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate (paper: 2.5e-5).")] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps (paper: 1000).")] = None,
-    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's head (stage 2 from stage 1).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint left it.")] = False,
+    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's head (stage 2 from stage 1; an official .pth works).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where its last checkpoint left it.")] = False,
     gpus: Annotated[int | None, typer.Option(help="GPUs on this machine; more than 1 starts torchrun (DDP).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Shards read interleaved per dataset and rank.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes per GPU, each a seeded reader (0: read in the main process).")] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (and at the end).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the data stream and the head's initialisation.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Write metrics.jsonl / TensorBoard every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the head's initialisation, the data stream and dropout.")] = None,
 ) -> None:
     """Train the fusion head from cached features (no backbone in the loop).
 
-    Writes checkpoints (runs/NAME/checkpoints/step-N, last), TensorBoard events and metrics.jsonl.
+    Writes runs/NAME/checkpoints/step-N (head.safetensors, trainer_state.pt, config.yaml) and
+    checkpoints/last, TensorBoard events, metrics.jsonl and config.yaml.
     """
-    from regionspot.train.config import TrainConfig, load_recipe
+    from regionspot.train.config import resolve_config
+    from regionspot.train.distributed import launched_by_torchrun, torchrun
 
-    values = load_recipe(recipe) if recipe else {}
-    flags = dict(shards=shards, out=out, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, init=init,
-                 resume=resume or None, gpus=gpus, workers=workers, save_every=save_every, seed=seed)
-    values.update({k: v for k, v in flags.items() if v is not None})
-    cfg = TrainConfig(**values).check()
-    if (gpus or 0) > 1 and "WORLD_SIZE" not in os.environ:
-        import subprocess
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m", "regionspot.cli",
-               *sys.argv[1:]]
-        raise typer.Exit(subprocess.call(cmd))
+    cfg = resolve_config(recipe, shards=shards, out=out, steps=steps, batch_size=batch_size, lr=lr,
+                         warmup_steps=warmup_steps, init=init, resume=resume or None, gpus=gpus, workers=workers,
+                         save_every=save_every, log_every=log_every, seed=seed)
+    if (cfg.gpus or 0) > 1 and not launched_by_torchrun():
+        raise typer.Exit(torchrun(cfg.gpus, sys.argv[1:]))
     from regionspot.train.trainer import run_train
 
     run = run_train(cfg)
-    typer.echo(f"run: {run}  (checkpoint: {run / 'checkpoints' / 'last'})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"run: {run}  (checkpoint: {run / 'checkpoints' / 'last'})")
 
 
 @app.command("convert-official")
@@ -171,7 +169,11 @@ def convert_official(
     checkpoint: Annotated[Path, typer.Argument(help="An official RegionSpot .pth (regionspot_bb.pth, regionspot_bl.pth).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write (holds head.safetensors).")],
 ) -> None:
-    """Convert a checkpoint released with the paper into a regionspot checkpoint directory."""
+    """Convert a checkpoint released with the paper into a regionspot checkpoint directory.
+
+    Only the head's weights are read (weights_only); it takes the backbones fingerprint of whatever
+    command later loads it (--backbones), as the .pth itself would.
+    """
     from regionspot.models.checkpoint import convert_official as convert
 
     path = convert(checkpoint, output)
