@@ -1,0 +1,244 @@
+"""Training throughput: streaming shards vs (a) the I/O ceiling, (b) the compute ceiling, (c) an official-style
+loop that runs the CLIP image tower online every step.
+
+    python scripts/bench_train.py --size bl --images 256 --steps 20            # synthetic shards, bl widths
+    python scripts/bench_train.py --shards shards/o365 --steps 50              # a real shard set
+
+(a) reads every shard file of the set (raw bytes, no decoding) and divides the rate by the bytes per image;
+    the files were just written or read, so this is a warm page cache unless you drop caches first.
+(b) steps the same head and optimiser on batches already collated in memory (the same batches (s) reads).
+(s) is what `regionspot train` does: TrainStream (readers, shuffle buffer, collate) + head + focal loss + AdamW.
+(c) the official loop's extra work: a frozen CLIP image tower (open_clip, random weights: only the cost
+    matters) on B images of S x S every step, then the same head step.
+Prints samples/s and regions/s for each, and the ratios (s)/min(a, b) and (s)/(c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from regionspot.models.head import RegionSpotHead
+from regionspot.shards.manifest import build_manifest, write_json_atomic
+from regionspot.shards.schema import Sample, record_name, shard_name
+from regionspot.shards.shardset import ShardSet
+from regionspot.shards.storage import open_writer, shard_checksum
+from regionspot.train.loss import region_focal_loss
+from regionspot.train.stream import TrainStream
+
+# CLIP widths per preset (DESIGN.md §2): token map L x C, embedding D, open_clip tower, image size
+SIZES = {
+    "bb": dict(L=197, C=768, D=512, clip="ViT-B-16-quickgelu", S=224),
+    "bl": dict(L=257, C=1024, D=768, clip="ViT-L-14-quickgelu", S=224),
+    "small": dict(L=50, C=768, D=512, clip="ViT-B-32-quickgelu", S=224),
+}
+
+
+def write_synthetic(path: Path, size: dict, images: int, regions: int, classes: int, shard_size: int) -> Path:
+    """A shard set of random features with the widths of `size` (what extract would write)."""
+    rng = np.random.default_rng(0)
+    path.mkdir(parents=True)
+    records = []
+    for index, start in enumerate(range(0, images, shard_size)):
+        name = shard_name(index, "wds")
+        n_img = min(shard_size, images - start)
+        with open_writer("wds", path / name) as writer:
+            for i in range(start, start + n_img):
+                writer.write(
+                    Sample(
+                        key=f"{i:07d}",
+                        image_id=i,
+                        file_name=f"{i}.jpg",
+                        width=640,
+                        height=480,
+                        boxes=np.tile(np.array([0, 0, 32, 32], np.float32), (regions, 1)),
+                        labels=rng.integers(0, classes, regions).astype(np.int32),
+                        scores=np.ones(regions, np.float32),
+                        sam_tokens=rng.normal(size=(regions, 1, 256)).astype(np.float16),
+                        sam_iou=np.ones((regions, 1), np.float16),
+                        clip_map=rng.normal(size=(size["L"], size["C"])).astype(np.float16),
+                    )
+                )
+        sha, nbytes = shard_checksum(path / name)
+        record = dict(
+            index=index,
+            name=name,
+            samples=n_img,
+            regions=n_img * regions,
+            bytes=nbytes,
+            sha256=sha,
+            skipped=[],
+        )
+        write_json_atomic(path / record_name(index), record)
+        records.append(record)
+    identity = {
+        "dataset": {"name": "bench", "sources": {}},
+        "proposals": {"source": "gt"},
+        "storage": "wds",
+        "backbones": {
+            "sam": {"model": "synthetic", "tokens": 1},
+            "clip": {
+                "model": "synthetic",
+                "image_size": size["S"],
+                "width": size["C"],
+                "embed_dim": size["D"],
+                "logit_scale": 100.0,
+            },
+            "fingerprint": "bench",
+        },
+        "run": {"shard_size": shard_size, "limit": None, "max_boxes": None, "masks": False},
+    }
+    vocab = [{"id": k + 1, "name": f"c{k}", "synonyms": [], "frequency": "f"} for k in range(classes)]
+    write_json_atomic(path / "manifest.json", build_manifest(identity, records, vocab))
+    text = rng.normal(size=(classes, size["D"])).astype(np.float32)
+    np.save(
+        path / "text_embeddings.npy", text / np.linalg.norm(text, axis=1, keepdims=True), allow_pickle=False
+    )
+    return path
+
+
+class Stepper:
+    """One training step of the head (the trainer's arithmetic: float32 on CPU, bf16 autocast on CUDA)."""
+
+    def __init__(self, shards: ShardSet, device: torch.device):
+        clip = shards.backbones["clip"]
+        self.device = device
+        self.head = RegionSpotHead(int(clip["width"]), int(clip["embed_dim"])).to(device).train()
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=2.5e-5, weight_decay=1e-4)
+        self.text = torch.from_numpy(shards.text_embeddings()).to(device)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def __call__(self, batch, clip_map: torch.Tensor | None = None) -> float:
+        batch = batch.to(self.device, non_blocking=True)
+        tokens = batch.sam_tokens.float()[:, :, 0]  # (B, N, 256)
+        clip_map = batch.clip_map.float() if clip_map is None else clip_map  # (B, L, C)
+        with self.autocast:
+            logits = self.head(tokens, clip_map, self.text, batch.region_mask)  # (B, N, K)
+        loss = region_focal_loss(logits.float(), batch.labels, batch.region_mask)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
+        self.opt.step()
+        return loss.item()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, steps: int, warmup: int, device) -> float:
+    """Seconds per call of fn(i), after `warmup` untimed calls."""
+    for i in range(warmup):
+        fn(i)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        fn(warmup + i)
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", type=Path, help="a shard set (default: write a synthetic one)")
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default="bl", help="widths of the synthetic set and tower"
+    )
+    p.add_argument("--images", type=int, default=512, help="images in the synthetic set")
+    p.add_argument("--regions", type=int, default=16, help="regions per synthetic image (O365 has ~16)")
+    p.add_argument("--classes", type=int, default=365)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip-official", action="store_true", help="skip (c) (it needs open_clip)")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = SIZES[args.size]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.shards or write_synthetic(
+            Path(tmp) / "bench", size, args.images, args.regions, args.classes, shard_size=64
+        )
+        shards = ShardSet(path)
+        bs, n = args.batch_size, args.steps
+        regions_per_image = shards.num_regions / max(shards.num_images, 1)
+        print(
+            f"device {device}; {shards.num_images} images, {regions_per_image:.1f} regions/image, "
+            f"batch {bs}, {n} timed steps after {args.warmup}"
+        )
+
+        # (a) the I/O ceiling: raw reads of all shard files
+        files = [Path(f) for f in shards.shard_paths]
+        nbytes = sum(f.stat().st_size for f in files)
+        t0 = time.perf_counter()
+        for f in files:
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+        io_s = time.perf_counter() - t0
+        per_image = nbytes / shards.num_images
+        io_rate = nbytes / io_s / per_image
+        print(
+            f"(a) I/O ceiling (warm page cache): {nbytes / io_s / 2**20:.0f} MiB/s / "
+            f"{per_image / 1024:.0f} KiB per image = {io_rate:.0f} images/s"
+        )
+
+        # (s) streaming, as the trainer does
+        stream = TrainStream(
+            [shards], bs, workers=args.workers, seed=0, buffer=64, pin_memory=device.type == "cuda"
+        )
+        step = Stepper(shards, device)
+        kept = []
+
+        def streamed(i):
+            _, batch = next(stream)
+            if len(kept) < 8:
+                kept.append(batch)
+            step(batch)
+
+        s_stream = timed(streamed, n, args.warmup, device)
+        stream.close()
+
+        # (b) the compute ceiling: the same step on batches already in memory
+        step = Stepper(shards, device)
+        s_compute = timed(lambda i: step(kept[i % len(kept)]), n, args.warmup, device)
+
+        rows = [("(s) streaming", bs / s_stream), ("(b) compute ceiling", bs / s_compute)]
+
+        # (c) official-style: the frozen CLIP tower online every step, then the same head step
+        if not args.skip_official:
+            import open_clip
+
+            tower = open_clip.create_model(size["clip"], pretrained=None).visual.to(device).eval()
+            tower.output_tokens = True
+            tower.requires_grad_(False)
+            step = Stepper(shards, device)
+            # the head's width must match the tower's for (c); the synthetic widths are the tower's
+            images = torch.randn(bs, 3, size["S"], size["S"], device=device)
+
+            def official(i):
+                batch = kept[i % len(kept)]
+                with torch.no_grad(), step.autocast:
+                    _, tokens = tower(images)  # (B, L-1, C): the cost of the official loop's CLIP pass
+                step(batch, clip_map=tokens.float())
+
+            s_official = timed(official, max(2, n // 4), 1, device)
+            rows.append(("(c) official-style (CLIP online)", bs / s_official))
+        rows.append(("(a) I/O ceiling", io_rate))
+        for name, rate in rows:
+            print(f"{name:36s} {rate:9.1f} images/s  {rate * regions_per_image:10.0f} regions/s")
+        stream_rate = bs / s_stream
+        bound = min(io_rate, bs / s_compute)
+        print(f"streaming / min(a, b) = {stream_rate / bound:.2f}  (goal >= 0.90)")
+        if not args.skip_official:
+            print(f"streaming / official-style = {stream_rate / (bs / s_official):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
