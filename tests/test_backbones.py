@@ -497,3 +497,21 @@ def test_text_embeddings_of_two_names_by_hand(tiny):
         mean = raw.mean(0)
         torch.testing.assert_close(text[i], mean / mean.norm(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(text[0], text[1])
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_stays_close_to_the_cpu(tiny):
+    """On CUDA the encoders run under bf16 autocast and still return float32 close to the CPU's."""
+    gpu = load_backbones(resolve_backbones("tiny"), device="cuda")
+    img, boxes = image(120, 200, 16), [torch.tensor([[10.0, 10, 100, 80], [0, 0, 200, 120]])]
+    cpu_tokens = tiny.sam.region_tokens(tiny.sam.encode([tiny.sam.prepare(img)]), boxes, [img.shape[:2]])[0]
+    out = gpu.sam.region_tokens(gpu.sam.encode([gpu.sam.prepare(img)]), boxes, [img.shape[:2]], masks=True)[0]
+    assert out.tokens.dtype == torch.float32 and out.tokens.device.type == "cuda" and len(out.masks) == 2
+    torch.testing.assert_close(out.tokens.cpu(), cpu_tokens.tokens, rtol=0.05, atol=0.1)
+    prepared = tiny.clip.prepare(img)[None]
+    fmap = gpu.clip.feature_map(prepared)
+    assert fmap.dtype == torch.float32
+    torch.testing.assert_close(fmap.cpu(), tiny.clip.feature_map(prepared), rtol=0.05, atol=0.1)
+    torch.testing.assert_close(
+        gpu.clip.text_embeddings(["cat"]), tiny.clip.text_embeddings(["cat"]), rtol=0.05, atol=0.05
+    )
