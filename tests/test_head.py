@@ -270,5 +270,5 @@ def test_bf16_autocast_forward_is_finite_and_close():
         exact = head(tokens, clip_map, text)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast = head(tokens, clip_map, text)
-    assert torch.isfinite(fast).all()
-    assert (fast.float() - exact).abs().max() < 5.0  # bf16 keeps ~3 digits of a logit scale of 100
+    assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
+    assert (fast - exact).abs().max() < 5.0  # the decoder runs in bf16; the logits are float32

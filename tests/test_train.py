@@ -242,8 +242,16 @@ def test_resume_continues_exactly(small_set, tmp_path, workers):
     for name in ("step-0000004", "step-0000008"):
         saved = yaml.safe_load((resumed / "checkpoints" / name / "config.yaml").read_text())
         assert saved["steps"] in (4, 8) and saved["head"]["num_layers"] == 1
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
     with pytest.raises(RegionSpotError, match="--resume"):
         run_train(_cfg(small_set, tmp_path / "straight"))
+    # a run stopped after its step-8 checkpoint had been written but before `last` moved: resumes from 4
+    (straight / "checkpoints" / "last").write_text("step-0000004\n")
+    again = run_train(_cfg(small_set, straight, steps=8, workers=workers, resume=True))
+    _same_weights(load_head(again)[0], a)
+    steps = [json.loads(x)["step"] for x in (again / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]  # the lines logged after step 4 were replaced, not repeated
 
 
 def test_refusals_before_any_step(tmp_path, world, text, small_set):

@@ -91,7 +91,7 @@ class RegionSpotHead(nn.Module):
                 ones' self-attention, so padding changes no real region's output.
             return_attention: also return the last decoder layer's cross-attention weights.
         Returns:
-            embeddings [B, N, D] (or [B, N, T, D]); with return_attention also [B, N, L] (or
+            float32 embeddings [B, N, D] (or [B, N, T, D]); with return_attention also [B, N, L] (or
             [B, N, T, L]): the last layer's attention of each region over the L map tokens, mean over
             heads (rows sum to 1).
         """
@@ -118,7 +118,7 @@ class RegionSpotHead(nn.Module):
             x = self.decoder.norm(x)
         else:
             x = self.decoder(x, memory, tgt_key_padding_mask=padding)  # (B*T, N, C)
-        x = self.projector(x)  # (B*T, N, D)
+        x = self.projector(x).float()  # (B*T, N, D); normalised in float32 even under autocast
         x = x / (x.norm(dim=-1, keepdim=True) + 1e-7)
         if multi:
             x = x.reshape(b, t, n, x.shape[-1]).transpose(1, 2)  # (B, N, T, D)
@@ -166,10 +166,12 @@ class RegionSpotHead(nn.Module):
             sam_tokens: [B, N, 256] or [B, N, T, 256]; clip_map: [B, L, C];
             text_embeddings: [K, D], L2-normalised; region_mask: [B, N] bool, True = real region.
         Returns:
-            [B, N, K] (or [B, N, T, K]) = logit_scale * embedding . text. N = 0 gives [B, 0, K].
+            float32 [B, N, K] (or [B, N, T, K]) = logit_scale * embedding . text. N = 0 gives [B, 0, K].
         """
-        emb = self.embed(sam_tokens, clip_map, region_mask)
-        return self.logit_scale * emb @ text_embeddings.to(emb.dtype).t()  # (B, N, [T,] K)
+        emb = self.embed(sam_tokens, clip_map, region_mask)  # float32
+        # float32 product: bf16 would round logits of scale 100 to steps of 0.5
+        with torch.autocast(emb.device.type, enabled=False):
+            return self.logit_scale * emb @ text_embeddings.float().t()  # (B, N, [T,] K)
 
     # --- the checkpoints released with the paper ---------------------------------------------------
     def to_official_state_dict(self) -> dict:

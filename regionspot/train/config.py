@@ -47,11 +47,11 @@ class TrainConfig:
     resume: bool = False
     """Continue the run in `out` from its last checkpoint, exactly (weights, optimiser, data, RNG)."""
     gpus: int | None = None
-    """GPUs on this machine; more than one starts torchrun (DDP)."""
+    """GPUs on this machine; more than one starts torchrun (DDP); 0 trains on the CPU."""
     workers: int = 4
     """DataLoader worker processes per rank, each an independent seeded reader (0: read in the main process)."""
-    shuffle_buffer: int = 256
-    """Images each reader holds and draws from at random (per dataset)."""
+    shuffle_buffer: int = 128
+    """Images each reader holds and draws from at random, per dataset (bl: 128 x ~0.5 MiB per reader)."""
     prefetch: int = 4
     """Batches each worker prepares ahead."""
     save_every: int = 5000

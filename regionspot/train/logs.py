@@ -24,7 +24,13 @@ class TrainLog:
         from torch.utils.tensorboard import SummaryWriter  # tensorboard is only needed where logs are written
 
         self.tb = SummaryWriter(str(run / "tensorboard"), purge_step=start + 1 if start else None)
-        self.jsonl = open(run / "metrics.jsonl", "a")
+        path = run / "metrics.jsonl"
+        if start and path.exists():  # resumed: drop what a stopped run logged after its checkpoint
+            kept = [
+                line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = open(path, "a")
         self.progress = Progress(
             TextColumn("train"),
             BarColumn(),

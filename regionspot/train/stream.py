@@ -49,7 +49,7 @@ class DatasetReader:
         reader: int,
         readers: int,
         seed: int,
-        buffer: int = 256,
+        buffer: int = 128,
         shuffle_labels: bool = False,
         state: dict | None = None,
     ):
@@ -168,7 +168,7 @@ class MixedReader:
         readers: int,
         seed: int,
         weights: Sequence[float] | None = None,
-        buffer: int = 256,
+        buffer: int = 128,
         shuffle_labels: bool = False,
         state: dict | None = None,
     ):
@@ -258,7 +258,7 @@ class TrainStream:
         workers: int = 0,
         seed: int = 0,
         weights: Sequence[float] | None = None,
-        buffer: int = 256,
+        buffer: int = 128,
         shuffle_labels: bool = False,
         position: dict | None = None,
         pin_memory: bool = False,

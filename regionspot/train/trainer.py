@@ -138,7 +138,7 @@ def run_train(cfg: TrainConfig) -> Path:
                 f"{s.path}: text embeddings of width {s.text_embeddings().shape[1]}, the head embeds to {config['embed_dim']}"
             )
 
-    device = env.device()
+    device = torch.device("cpu") if cfg.gpus == 0 else env.device()
     env.init(device)
     torch.manual_seed(cfg.seed)  # the same initial head on every rank and in every run of this config
     head = RegionSpotHead(**config)
