@@ -54,12 +54,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         run = run_train(TrainConfig(
             shards=[shards["toy"]], out=out / name, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
             warmup_steps=min(50, cfg.steps // 10), lr_drop_steps=[], save_every=cfg.steps, seed=cfg.seed,
-            shuffle_labels=control,
+            shuffle_labels=control, workers=1,
         ))
         console.rule(f"evaluate the {name} on toy_val (GT boxes)")
         result = run_eval(EvalConfig(
             checkpoint=Path(run) / "checkpoints" / "last", proposals="gt", dataset="toy_val", data_root=data_root,
-            shards=shards["toy_val"], backbones="tiny", out=out / f"eval-{name}", evaluator="lvis",
+            shards=shards["toy_val"], backbones="tiny", out=out / f"eval-{name}", evaluator="lvis", limit=cfg.val_images,
         ), show=False)
         metrics[name] = result.metrics["bbox"]
     (out / "metrics.json").write_text(json.dumps(metrics["model"], indent=1) + "\n")
