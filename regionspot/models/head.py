@@ -257,9 +257,8 @@ def read_official_checkpoint(path: str | Path) -> dict:
     if refused:
         raise RegionSpotError(
             f"checkpoint {path} holds Python objects that loading would have to import ({', '.join(refused[:4])}); "
-            "regionspot reads weights only. Where you trust the file, keep just its weights: python -c "
-            "\"import torch; c = torch.load('IN.pth', weights_only=False); torch.save({'model': c['model']}, "
-            "'OUT.pth')\" (the official tools/re_save_ckpt.py does the same)"
+            "regionspot reads weights only. Where you trust the file, re-save just its 'model' dict of tensors "
+            "(the official tools/re_save_ckpt.py does this) and pass that file"
         )
     if unsafe:
         import importlib
