@@ -11,11 +11,13 @@ import pytest
 from PIL import Image
 
 from regionspot.data import openimages, toy
-from regionspot.data.boxes import sanitize_boxes
+from regionspot.data.boxes import best_n_in_order, sanitize_boxes
 from regionspot.data.datasets import list_datasets, open_dataset, resolve_data_root
-from regionspot.data.images import ImageDecodeError, image_size, load_image
+from regionspot.data.images import ImageDecodeError, image_size, load_image, load_record_image
 from regionspot.data.proposals import cap_boxes, load_proposals
+from regionspot.data.records import clean_class_name
 from regionspot.errors import RegionSpotError
+from regionspot.evaluate.detections import Detections
 
 
 def write_jpeg(path, size, colour=(120, 60, 30)):
@@ -100,6 +102,7 @@ def test_coco_reader_records_vocabulary_and_counts(tmp_path):
         "boxes_dropped": 4,
         "boxes_clipped": 1,
         "images_without_boxes": 1,
+        "images_outside_root": 0,
     }
     assert load_image(r10.path).shape == (48, 64, 3)
     assert reader.image_ids() == {10, 2, 3}
@@ -134,6 +137,87 @@ def test_coco_spec_and_malformed_annotations(tmp_path):
     ann.write_text('{"images": [}')
     with pytest.raises(RegionSpotError, match=r"instances_val2017\.json: malformed JSON .*line 1"):
         open_dataset(spec).records()
+
+
+def test_no_annotations_at_all_is_images_with_zero_regions(tmp_path):
+    coco_file(tmp_path)
+    ann = tmp_path / "coco/annotations/instances_val2017.json"
+    write_json(ann, {**json.loads(ann.read_text()), "annotations": []})
+    reader = open_dataset("coco", tmp_path)
+    assert [len(r.boxes) for r in reader.records()] == [0, 0, 0]
+    assert reader.stats["images"] == 3 and reader.stats["boxes"] == 0
+    assert reader.stats["images_without_boxes"] == 3
+
+
+def test_string_numbers_in_annotations_are_refused(tmp_path):
+    coco_file(tmp_path)
+    ann = tmp_path / "coco/annotations/instances_val2017.json"
+    spec = f"coco:{ann}:{tmp_path / 'coco/val2017'}"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["bbox"] = [1, 2, "10", 20]  # numpy alone would read it as 10.0
+    write_json(ann, data)
+    with pytest.raises(
+        RegionSpotError, match=r"malformed annotation 0 .*'bbox' must hold numbers, not strings"
+    ):
+        open_dataset(spec).records()
+    data["annotations"][0]["bbox"] = [1, 2, 10, 20]
+    data["images"][1]["width"] = "40"
+    write_json(ann, data)
+    with pytest.raises(
+        RegionSpotError,
+        match=r"malformed image record 1 .*'width' must be a positive number, not the string '40'",
+    ):
+        open_dataset(spec).records()
+
+
+def test_class_names_lose_other_merged_and_stuff_wherever_they_occur(tmp_path):
+    assert clean_class_name("sky-other-merged") == clean_class_name("sky") == "sky"
+    assert clean_class_name("wall-stuff") == "wall" and clean_class_name("tree-merged") == "tree"
+    assert clean_class_name("rock-merged-other") == "rock" and clean_class_name("t-shirt") == "t-shirt"
+    coco_file(tmp_path)
+    ann = tmp_path / "coco/annotations/instances_val2017.json"
+    data = json.loads(ann.read_text())
+    data["categories"][0]["name"] = "sky-other-merged"
+    write_json(ann, data)
+    assert [c.name for c in open_dataset("coco", tmp_path).vocabulary] == ["person", "sky"]
+
+
+def test_file_names_that_leave_the_image_folder_are_skipped_unless_allowed(tmp_path):
+    from regionspot.extract.loop import DecodedImages
+
+    coco_file(tmp_path)
+    ann = tmp_path / "coco/annotations/instances_val2017.json"
+    data = json.loads(ann.read_text())
+    write_jpeg(tmp_path / "secret.jpg", (40, 30))
+    data["images"][1]["file_name"] = "../../secret.jpg"  # image 2, from coco/val2017/
+    data["images"][2]["file_name"] = str(tmp_path / "secret.jpg")  # image 3, absolute
+    data["images"][2].update(width=40, height=30)
+    write_json(ann, data)
+    reader = open_dataset("coco", tmp_path)
+    r10, r2, r3 = reader.records()
+    assert r10.skip_reason is None and reader.stats["images_outside_root"] == 2
+    for r in (r2, r3):
+        assert r.skip_reason.startswith(f"file_name {r.file_name!r} leaves the image folder")
+        assert "--allow-outside-root" in r.skip_reason
+        with pytest.raises(ImageDecodeError, match="leaves the image folder"):
+            load_record_image(r)
+    assert len(r2.boxes) == 1  # the record stays: extraction lists it as skipped, evaluation counts it
+    decoded = DecodedImages(reader.records(), lambda im: im, lambda im: im)
+    assert [d.error for d in (decoded[0], decoded[1], decoded[2])] == [None, r2.skip_reason, r3.skip_reason]
+
+    allowed = open_dataset("coco", tmp_path, allow_outside_root=True)
+    assert allowed.stats["images_outside_root"] == 0
+    assert all(r.skip_reason is None for r in allowed.records())
+    assert load_record_image(allowed.record_by_image_id(2)).shape == (30, 40, 3)
+    assert allowed.record_by_image_id(3).path == tmp_path / "secret.jpg"
+
+    openimages_files(tmp_path, True)  # OpenImages: an ImageID that is an absolute path
+    boxes = tmp_path / "openimages/oidv6-train-annotations-bbox.csv"
+    boxes.write_text(boxes.read_text().replace("0000a1b2c3d4e5f6", "/tmp/x"))
+    oi = open_dataset("openimages", tmp_path)
+    refused = oi.record_by_image_id("/tmp/x")
+    assert oi.stats["images_outside_root"] == 1 and "leaves the image folder" in refused.skip_reason
+    assert (refused.width, refused.height) == (0, 0)  # its header is not read either
 
 
 def test_lvis_images_resolve_through_coco_url(tmp_path):
@@ -421,13 +505,13 @@ def test_proposal_formats_agree_and_merge(tmp_path):
         {"image_id": 10, "bbox": [1, 2, 10, 20], "score": 0.3, "category_id": 3},
         {"image_id": 10, "bbox": [1, 2, 10, 20], "score": 0.9, "category_id": 7},
         {"image_id": "10", "bbox": [50, 40, 30, 30], "score": 0.5, "category_id": 3},  # clipped
-        {"image_id": 10, "bbox": [5, 5, float("nan"), 3], "score": 0.8},  # dropped
+        {"image_id": 10, "bbox": [5, 5, 0, 3], "score": 0.8},  # empty: dropped (NaN is refused, see below)
         {"image_id": 2, "bbox": [0, 0, 4, 4], "score": 0.7, "category_id": 3},
         {"image_id": 2, "bbox": [1, 1, 4, 4], "score": 0.2, "category_id": 3},
     ]
     official = {
         "10": {
-            "boxes": [[1, 2, 11, 22], [50, 40, 80, 70], [5, 5, None, 8]],
+            "boxes": [[1, 2, 11, 22], [50, 40, 80, 70], [5, 5, 5, 8]],
             "scores": [0.9, 0.5, 0.8],
             "labels": [7, 3, 0],
         },
@@ -472,6 +556,79 @@ def test_malformed_proposals_name_the_first_records(tmp_path):
     (tmp_path / "broken.json").write_text('[{"image_id": 10,')
     with pytest.raises(RegionSpotError, match=r"broken\.json: malformed JSON"):
         load_proposals(tmp_path / "broken.json", reader)
+
+
+def test_non_finite_negative_string_and_empty_proposals_are_refused(tmp_path):
+    coco_file(tmp_path)
+    reader = open_dataset("coco", tmp_path)
+    good = {"image_id": 10, "bbox": [1, 2, 3, 4], "score": 0.5}
+    cases = [  # a record of the results list -> what the message says about it
+        ({"image_id": 2, "bbox": [1, 2, 3, 4], "score": float("nan")}, r"score nan is not finite"),
+        ({"image_id": 2, "bbox": [1, 2, 3, 4], "score": float("inf")}, r"score inf is not finite"),
+        ({"image_id": 2, "bbox": [1, 2, 3, 4], "score": -0.1}, r"score -0\.1 is negative"),
+        ({"image_id": 2, "bbox": [1, 2, 3, 4], "score": "0.5"}, r"score '0\.5' is a string"),
+        ({"image_id": 2, "bbox": [1, float("nan"), 3, 4], "score": 0.5}, r"coordinate nan is not finite"),
+        ({"image_id": 2, "bbox": [1, 2, -float("inf"), 4]}, r"coordinate -inf is not finite"),
+        ({"image_id": 2, "bbox": [1, None, 3, 4]}, r"coordinate null is not a number"),
+        ({"image_id": 2, "bbox": ["10", 2, 3, 4], "score": 0.5}, r"coordinate '10' is a string"),
+    ]
+    for bad, why in cases:
+        path = write_json(tmp_path / "p.json", [good, good, bad])  # json.dumps writes NaN as NaN
+        with pytest.raises(
+            RegionSpotError,
+            match=rf"proposals .*p\.json: 1 of 3 records malformed, first: record 2 \(image_id 2\) .*: {why}",
+        ):
+            load_proposals(path, reader)
+    for index, box, score, why in (  # the official dict: image "2" holds two boxes, one bad
+        (1, [1, 1, 5, 5], float("nan"), r"score nan is not finite"),
+        (0, [0, 0, 4, 4], -1, r"score -1 is negative"),
+        (1, [1, 1, float("inf"), 5], 0.5, r"coordinate inf is not finite"),
+        (0, [1, "2", 3, 4], 0.5, r"coordinate '2' is a string"),
+    ):
+        entry = {"boxes": [[0, 0, 4, 4], [1, 1, 5, 5]], "scores": [0.5, 0.5]}
+        entry["boxes"][index], entry["scores"][index] = box, score
+        path = write_json(tmp_path / "o.json", {"10": {"boxes": [[1, 2, 3, 4]], "scores": [0.5]}, "2": entry})
+        with pytest.raises(
+            RegionSpotError,
+            match=rf"o\.json: 1 of 2 images malformed, first: image '2' .*: box {index}: {why}",
+        ):
+            load_proposals(path, reader)
+    (tmp_path / "empty.json").write_text("\n")
+    with pytest.raises(RegionSpotError, match=r"^proposals .*empty\.json is empty"):
+        load_proposals(tmp_path / "empty.json", reader)
+    for nothing in ([], {}, {"10": {"boxes": [], "scores": []}}):
+        with pytest.raises(RegionSpotError, match=r"^proposals .*none\.json holds no boxes .*AP 0"):
+            load_proposals(write_json(tmp_path / "none.json", nothing), reader)
+
+
+def test_detections_refuse_non_finite_values_and_write_strict_json(tmp_path):
+    dets = Detections([10, 20])
+    dets.add(1, np.array([[0, 0, 2, 2]]), np.array([1]), np.array([0.5]))
+    for boxes, scores, what in (
+        ([[0, 0, 2, 2]], [np.nan], "scores"),
+        ([[0, 0, 2, 2]], [np.inf], "scores"),
+        ([[0, np.nan, 2, 2]], [0.5], "boxes"),
+    ):
+        with pytest.raises(RegionSpotError, match=rf"^image 7: detection {what} are not finite"):
+            dets.add(7, np.array(boxes), np.array([0]), np.array(scores))
+    dets.write_json(tmp_path / "d.json")
+    text = (tmp_path / "d.json").read_text()
+    strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in detections.json"))
+    assert [d["image_id"] for d in strict] == [1]
+
+
+def test_toy_annotations_are_strict_json(tmp_path):
+    ann, _ = toy.ensure_toy(tmp_path, "val", num_images=2)
+    json.loads(ann.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {ann}"))
+
+
+def test_best_n_in_order():
+    scores = np.array([0.2, 0.9, 0.5, 0.9, 0.1, 0.5])
+    np.testing.assert_array_equal(best_n_in_order(scores, 3), [1, 2, 3])  # ties: the first 0.5
+    np.testing.assert_array_equal(best_n_in_order(scores, 1), [1])
+    np.testing.assert_array_equal(best_n_in_order(scores, None), np.arange(6))
+    np.testing.assert_array_equal(best_n_in_order(scores, 10), np.arange(6))
+    assert best_n_in_order(scores, 0).size == 0 and best_n_in_order(np.zeros(0), 2).size == 0
 
 
 def test_cap_boxes_keeps_the_largest(tmp_path):

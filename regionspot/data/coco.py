@@ -14,13 +14,14 @@ image (probed once, not per image):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from regionspot.data.boxes import sanitize_boxes, xywh_to_xyxy
-from regionspot.data.records import Category, ImageRecord, Reader, clean_class_name
+from regionspot.data.boxes import xywh_to_xyxy
+from regionspot.data.records import Category, ImageRecord, Reader, clean_class_name, leaves_folder
 from regionspot.errors import RegionSpotError
 
 
@@ -57,13 +58,16 @@ _SPELLINGS: tuple[Callable[[dict], str | None], ...] = (
 )
 
 
-def _choose_spelling(images: list[dict], image_dir: Path) -> list[Callable[[dict], str | None]]:
+def _choose_spelling(
+    images: list[dict], image_dir: Path, allow_outside_root: bool
+) -> list[Callable[[dict], str | None]]:
     """Spellings in the order to try them: the first that names an existing file for the first image
-    leads; without images on disk, the dataset's own order stands."""
+    (inside `image_dir` unless `allow_outside_root`) leads; without images on disk, the dataset's own
+    order stands."""
     if images:
         for spell in _SPELLINGS:
             rel = spell(images[0])
-            if rel and (image_dir / rel).is_file():
+            if rel and (allow_outside_root or not leaves_folder(rel)) and (image_dir / rel).is_file():
                 return [spell] + [s for s in _SPELLINGS if s is not spell]
     return list(_SPELLINGS)
 
@@ -78,8 +82,10 @@ def _check_image(path: Path, i: int, im: object) -> None:
         bad("no integer or string 'id'")
     for k in ("width", "height"):
         v = im.get(k)
-        if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
-            bad(f"'{k}' must be a positive number")
+        if not isinstance(v, int | float) or isinstance(v, bool) or not (v > 0 and math.isfinite(v)):
+            bad(
+                f"'{k}' must be a positive number" + (f", not the string {v!r}" if isinstance(v, str) else "")
+            )
     if "." in str(im["id"]):
         bad("image ids must not contain '.' (shard member names split at the first dot)")
     if not (im.get("file_name") or im.get("coco_url")):
@@ -118,13 +124,21 @@ class CocoReader(Reader):
             train2017/ and val2017/).
         name: the dataset name recorded in manifests.
         data_root: source paths in `sources` are given relative to it.
-    Records: key = str(image id); boxes XYXY pixels, clipped; crowd annotations skipped.
+        allow_outside_root: read file names that leave `image_dir` (see `Reader`).
+    Records: key = str(image id); boxes XYXY pixels, clipped; crowd annotations skipped. An empty
+    'annotations' list is valid: every image has zero regions.
     """
 
-    def __init__(self, annotations: Path, image_dir: Path, name: str, data_root: Path | None = None):
-        super().__init__(name, data_root)
+    def __init__(
+        self,
+        annotations: Path,
+        image_dir: Path,
+        name: str,
+        data_root: Path | None = None,
+        allow_outside_root: bool = False,
+    ):
+        super().__init__(name, image_dir, data_root, allow_outside_root)
         self.annotations = Path(annotations)
-        self.image_dir = Path(image_dir)
 
     def _source_files(self) -> dict[str, Path]:
         return {"annotations": self.annotations}
@@ -156,36 +170,29 @@ class CocoReader(Reader):
 
         img_pos, labels, bboxes, crowd = self._parse_annotations(data["annotations"], position, label_of)
         del data  # the parsed JSON of a large dataset holds gigabytes; drop it before building records
+        # Crowd regions are not objects to name.
+        labels, boxes, bounds = self._boxes_per_image(
+            img_pos, labels, xywh_to_xyxy(bboxes), crowd, "crowd_skipped", len(images), widths, heights
+        )
 
-        # Crowd regions are not objects to name; skip them before anything else.
-        self._stats["crowd_skipped"] = int(crowd.sum())
-        img_pos, labels, bboxes = img_pos[~crowd], labels[~crowd], bboxes[~crowd]
-        boxes, keep, counts = sanitize_boxes(xywh_to_xyxy(bboxes), widths[img_pos], heights[img_pos])
-        self._stats["boxes_dropped"] = counts["dropped_invalid"]
-        self._stats["boxes_clipped"] = counts["clipped"]
-        img_pos, labels, boxes = img_pos[keep], labels[keep], boxes[keep]
-
-        # Group the surviving boxes by image, keeping the file's annotation order within an image.
-        order = np.argsort(img_pos, kind="stable")
-        img_pos, labels, boxes = img_pos[order], labels[order], boxes[order]
-        bounds = np.searchsorted(img_pos, np.arange(len(images) + 1))
-
-        spellings = _choose_spelling(images, self.image_dir)
+        spellings = _choose_spelling(images, self.image_dir, self.allow_outside_root)
         records = []
         for i, im in enumerate(images):
             rel = next(r for r in (s(im) for s in spellings) if r)
+            path, skip_reason = self._image_path(rel)
             a, b = bounds[i], bounds[i + 1]
             records.append(
                 ImageRecord(
                     key=str(im["id"]),
                     image_id=im["id"],
                     file_name=rel,
-                    path=self.image_dir / rel,
+                    path=path,
                     width=int(im["width"]),
                     height=int(im["height"]),
                     boxes=boxes[a:b],
                     labels=labels[a:b],
                     scores=np.ones(b - a, np.float32),
+                    skip_reason=skip_reason,
                 )
             )
         return vocabulary, records
@@ -193,23 +200,29 @@ class CocoReader(Reader):
     def _parse_annotations(self, anns: list, position: dict, label_of: dict):
         """Annotation fields as arrays: image position [A], label [A], bbox XYWH [A, 4], crowd [A].
 
-        Fast path over all annotations at once; on any failure a slow pass finds the first
-        offending record for the message.
+        Fast path over all annotations at once: it takes boxes of plain numbers (numpy would turn
+        the string "10" into 10.0 if asked for floats, so the boxes are read without a dtype first).
+        Otherwise a slow pass checks every record, naming the first offending one; boxes with null
+        coordinates pass it (they are dropped as invalid boxes, and counted).
         """
-        try:
+
+        def arrays(bboxes: np.ndarray):
             img_pos = np.array([position[a["image_id"]] for a in anns], np.int64)
             labels = np.array([label_of[a["category_id"]] for a in anns], np.int32)
-            bboxes = np.array([a["bbox"] for a in anns], np.float64).reshape(len(anns), -1)
             crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
-            if bboxes.shape[1] == 4 or not anns:
-                return img_pos, labels, bboxes.reshape(-1, 4), crowd
+            return img_pos, labels, bboxes.astype(np.float64).reshape(-1, 4), crowd
+
+        try:
+            bboxes = np.array([a["bbox"] for a in anns])
+            if not anns or (bboxes.dtype.kind in "iuf" and bboxes.shape == (len(anns), 4)):
+                return arrays(bboxes)
         except (KeyError, TypeError, ValueError, AttributeError):
             pass
         for i, a in enumerate(anns):
             why = self._annotation_fault(a, position, label_of)
             if why:
                 raise RegionSpotError(f"{self.annotations}: malformed annotation {i} {snippet(a)}: {why}")
-        raise AssertionError("annotations failed to parse but no record is at fault")
+        return arrays(np.array([a["bbox"] for a in anns], np.float64))
 
     @staticmethod
     def _annotation_fault(a: object, position: dict, label_of: dict) -> str | None:
@@ -222,6 +235,8 @@ class CocoReader(Reader):
         bbox = a.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4:
             return "'bbox' must be [x, y, w, h]"
+        if any(isinstance(v, str) for v in bbox):
+            return "'bbox' must hold numbers, not strings"
         if not all(v is None or isinstance(v, int | float) for v in bbox):
             return "'bbox' must hold numbers"
         try:

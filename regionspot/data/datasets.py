@@ -86,10 +86,10 @@ def _require(path: Path, what: str, hint: str, directory: bool = False) -> Path:
     return path
 
 
-def _open_named(name: str, entry: NamedDataset, root: Path, check_images: bool) -> Reader:
+def _open_named(name: str, entry: NamedDataset, root: Path, check_images: bool, outside: bool) -> Reader:
     if entry.format == "toy":
         annotations, image_dir = ensure_toy(root, "val" if name == "toy_val" else "train")
-        return CocoReader(annotations, image_dir, name, data_root=root)
+        return CocoReader(annotations, image_dir, name, data_root=root, allow_outside_root=outside)
     hint = (
         f"get it from {entry.url} and put it there, or point --data-root / ${ENV_DATA_ROOT} "
         f"at the folder that holds {entry.annotations[0].split('/')[0]}/"
@@ -107,11 +107,13 @@ def _open_named(name: str, entry: NamedDataset, root: Path, check_images: bool) 
         _require(image_dir, f"images of {name!r}", hint, directory=True)
     if entry.format == "openimages":
         classes = _require(root / entry.classes, f"class descriptions of {name!r}", hint)
-        return OpenImagesReader(found[0], classes, image_dir, name, data_root=root)
-    return CocoReader(found[0], image_dir, name, data_root=root)
+        return OpenImagesReader(
+            found[0], classes, image_dir, name, data_root=root, allow_outside_root=outside
+        )
+    return CocoReader(found[0], image_dir, name, data_root=root, allow_outside_root=outside)
 
 
-def _open_spec(spec: str, root: Path, check_images: bool) -> Reader:
+def _open_spec(spec: str, root: Path, check_images: bool, outside: bool) -> Reader:
     kind = spec.split(":", 1)[0]
     parts = spec.split(":", 2 if kind == "coco" else 3)
     if len(parts) != (3 if kind == "coco" else 4) or not all(parts):
@@ -125,11 +127,16 @@ def _open_spec(spec: str, root: Path, check_images: bool) -> Reader:
     if check_images:
         _require(image_dir, f"image folder of {spec!r}", hint, directory=True)
     if kind == "coco":
-        return CocoReader(files[0], image_dir, spec, data_root=root)
-    return OpenImagesReader(files[0], files[1], image_dir, spec, data_root=root)
+        return CocoReader(files[0], image_dir, spec, data_root=root, allow_outside_root=outside)
+    return OpenImagesReader(files[0], files[1], image_dir, spec, data_root=root, allow_outside_root=outside)
 
 
-def open_dataset(spec: str, data_root: Path | str | None = None, check_images: bool = True) -> Reader:
+def open_dataset(
+    spec: str,
+    data_root: Path | str | None = None,
+    check_images: bool = True,
+    allow_outside_root: bool = False,
+) -> Reader:
     """A reader for a named dataset or a spec; its files are checked now, parsed on first use.
 
     Args:
@@ -137,12 +144,14 @@ def open_dataset(spec: str, data_root: Path | str | None = None, check_images: b
             `openimages:BOXES.csv:CLASSES.csv:IMAGE_DIR` (spec paths are taken as given).
         data_root: see `resolve_data_root`.
         check_images: also require the image folder (off for annotation-only uses, e.g. evaluation).
+        allow_outside_root: read image file names that leave the image folder (`../x.jpg`, `/x.jpg`);
+            by default such images are skipped by extraction, counted and listed (see `Reader`).
     Raises:
         RegionSpotError: unknown name, malformed spec, or a missing file (naming the expected path).
     """
     root = resolve_data_root(data_root)
     if spec in DATASETS:
-        return _open_named(spec, DATASETS[spec], root, check_images)
+        return _open_named(spec, DATASETS[spec], root, check_images, allow_outside_root)
     if spec.split(":", 1)[0] in ("coco", "openimages") and ":" in spec:
-        return _open_spec(spec, root, check_images)
+        return _open_spec(spec, root, check_images, allow_outside_root)
     raise RegionSpotError(f"unknown dataset {spec!r}; available: {', '.join(list_datasets())} (or {SPECS})")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from regionspot.data.boxes import sanitize_boxes
 from regionspot.data.coco import snippet
 from regionspot.data.images import ImageDecodeError, image_size
 from regionspot.data.records import Category, ImageRecord, Reader, clean_class_name
@@ -33,9 +32,10 @@ BOX_HEADER = (
 class HeaderSizedRecord(ImageRecord):
     """An `ImageRecord` whose width, height and pixel boxes come from the image header on first access.
 
-    `normalized`: float32 [N, 4] XYXY in [0, 1]. An image whose header cannot be read gets size
-    (0, 0) and degenerate boxes; extraction skips it as undecodable anyway. Accepts the dataclass's
-    own arguments too (width, height, boxes), so `dataclasses.replace` gives an ordinary, sized record.
+    `normalized`: float32 [N, 4] XYXY in [0, 1]. An image whose header cannot be read, or that has
+    a `skip_reason` (its header is not read), gets size (0, 0) and degenerate boxes; extraction skips
+    it anyway. Accepts the dataclass's own arguments too (width, height, boxes), so
+    `dataclasses.replace` gives an ordinary, sized record.
     """
 
     def __init__(
@@ -49,12 +49,14 @@ class HeaderSizedRecord(ImageRecord):
         boxes=None,
         labels=None,
         scores=None,
+        skip_reason=None,
         *,
         normalized=None,
     ):
         if "." in key:
             raise ValueError(f"image key {key!r} contains '.', which shard member names cannot hold")
         self.key, self.image_id, self.file_name, self.path = key, image_id, file_name, Path(path)
+        self.skip_reason = skip_reason
         self.labels = np.asarray(labels if labels is not None else (), np.int32).reshape(-1)
         self.scores = (
             np.ones(len(self.labels), np.float32) if scores is None else np.asarray(scores, np.float32)
@@ -68,7 +70,7 @@ class HeaderSizedRecord(ImageRecord):
     def _resolve(self) -> None:
         if self._size is None:
             try:
-                self._size = image_size(self.path)
+                self._size = (0, 0) if self.skip_reason else image_size(self.path)
             except ImageDecodeError:
                 self._size = (0, 0)
         if self._boxes is None:
@@ -142,16 +144,23 @@ class OpenImagesReader(Reader):
         image_dir: folder of `<ImageID>.jpg`.
         name: the dataset name recorded in manifests.
         data_root: source paths in `sources` are given relative to it.
+        allow_outside_root: read ImageIDs that leave `image_dir` (`/x`; see `Reader`).
     Vocabulary: the class-descriptions rows in file order, Category.id = row number (1-based);
     `label_names` holds the LabelName (`/m/...`) of each entry. Records: key = image_id = ImageID;
     group boxes (IsGroupOf=1) skipped and counted.
     """
 
     def __init__(
-        self, boxes_csv: Path, classes_csv: Path, image_dir: Path, name: str, data_root: Path | None = None
+        self,
+        boxes_csv: Path,
+        classes_csv: Path,
+        image_dir: Path,
+        name: str,
+        data_root: Path | None = None,
+        allow_outside_root: bool = False,
     ):
-        super().__init__(name, data_root)
-        self.boxes_csv, self.classes_csv, self.image_dir = Path(boxes_csv), Path(classes_csv), Path(image_dir)
+        super().__init__(name, image_dir, data_root, allow_outside_root)
+        self.boxes_csv, self.classes_csv = Path(boxes_csv), Path(classes_csv)
         self.label_names: list[str] = []
 
     def _source_files(self) -> dict[str, Path]:
@@ -169,27 +178,23 @@ class OpenImagesReader(Reader):
         coords = np.frombuffer(coords, np.float64).reshape(-1, 4) if len(coords) else np.zeros((0, 4))
         group = np.frombuffer(group, np.int8).astype(bool) if len(group) else np.zeros(0, bool)
 
-        # Group boxes cover several objects at once; they are not one region to name.
-        self._stats["group_skipped"] = int(group.sum())
-        img_pos, labels, coords = img_pos[~group], labels[~group], coords[~group]
-        normalized, keep, counts = sanitize_boxes(coords, 1.0, 1.0)  # clip to the unit square
-        self._stats["boxes_dropped"] = counts["dropped_invalid"]
-        self._stats["boxes_clipped"] = counts["clipped"]
-        img_pos, labels, normalized = img_pos[keep], labels[keep], normalized[keep]
-
-        order = np.argsort(img_pos, kind="stable")
-        img_pos, labels, normalized = img_pos[order], labels[order], normalized[order]
-        bounds = np.searchsorted(img_pos, np.arange(len(image_ids) + 1))
+        # Group boxes cover several objects at once; they are not one region to name. Boxes are
+        # clipped to the unit square: no image size is needed yet.
+        labels, normalized, bounds = self._boxes_per_image(
+            img_pos, labels, coords, group, "group_skipped", len(image_ids), 1.0, 1.0
+        )
         records = []
         for i, image_id in enumerate(image_ids):
             a, b = bounds[i], bounds[i + 1]
+            path, skip_reason = self._image_path(f"{image_id}.jpg")
             records.append(
                 HeaderSizedRecord(
                     image_id,
                     image_id,
                     f"{image_id}.jpg",
-                    self.image_dir / f"{image_id}.jpg",
+                    path,
                     labels=labels[a:b],
+                    skip_reason=skip_reason,
                     normalized=normalized[a:b],
                 )
             )

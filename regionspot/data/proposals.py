@@ -6,18 +6,22 @@ Two formats are read:
                      highest score; boxes keep the order of their first record.
   official dict      `{"<image_id>": {"boxes": [[x0, y0, x1, y1], ...], "scores": [...], "labels": [...]}}`,
                      as the RegionSpot code writes it: taken as given (labels are ignored).
-Image ids match the dataset's as int or str (`397133` and `"397133"` are one image).
+Image ids match the dataset's as int or str (`397133` and `"397133"` are one image). Every coordinate
+and score must be a finite JSON number (not null, NaN, Infinity or a string such as "10") and every
+score at least 0; a file that breaks this, or holds no box at all, is refused before any work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from regionspot.data.boxes import box_areas, sanitize_boxes, xywh_to_xyxy
+from regionspot.data.boxes import best_n_in_order, box_areas, sanitize_boxes, xywh_to_xyxy
 from regionspot.data.coco import snippet
 from regionspot.data.records import ImageRecord, Reader
 from regionspot.errors import RegionSpotError
@@ -25,12 +29,27 @@ from regionspot.errors import RegionSpotError
 _SHOWN = 3  # offenders named in an error message
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+def _number_fault(v: object, what: str) -> str | None:
+    """Why `v` is not a usable number (`what` names it in the message), or None."""
+    if isinstance(v, str):
+        return f"{what} {v!r} is a string, not a number"
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return f"{what} {json.dumps(v)} is not a number"
+    try:
+        finite = math.isfinite(v)
+    except OverflowError:  # an integer beyond any float
+        finite = False
+    return None if finite else f"{what} {v} is not finite"
 
 
-def _is_box(b: object) -> bool:
-    return isinstance(b, list | tuple) and len(b) == 4 and all(_is_number(v) or v is None for v in b)
+def _box_fault(box: object, shape_fault: str) -> str | None:
+    if not isinstance(box, list) or len(box) != 4:
+        return shape_fault
+    return next((why for v in box if (why := _number_fault(v, "coordinate"))), None)
+
+
+def _score_fault(score: object) -> str | None:
+    return _number_fault(score, "score") or (f"score {score} is negative" if score < 0 else None)
 
 
 class Proposals:
@@ -67,23 +86,11 @@ class Proposals:
             boxes, keep, c = sanitize_boxes(boxes, r.width, r.height)
             counts["boxes_dropped"] += c["dropped_invalid"]
             counts["boxes_clipped"] += c["clipped"]
-            boxes, scores = boxes[keep], scores[keep]
-            if max_boxes is not None and len(scores) > max_boxes:
-                top = np.sort(np.argsort(-scores, kind="stable")[:max_boxes])  # best N, in file order
-                counts["boxes_capped"] += len(scores) - max_boxes
-                boxes, scores = boxes[top], scores[top]
+            top = best_n_in_order(scores[keep], max_boxes)
+            counts["boxes_capped"] += int(keep.sum()) - len(top)
+            boxes, scores = boxes[keep][top], scores[keep][top]
             out.append(
-                ImageRecord(
-                    key=r.key,
-                    image_id=r.image_id,
-                    file_name=r.file_name,
-                    path=r.path,
-                    width=r.width,
-                    height=r.height,
-                    boxes=boxes,
-                    labels=np.full(len(boxes), -1, np.int32),
-                    scores=scores,
-                )
+                dataclasses.replace(r, boxes=boxes, labels=np.full(len(boxes), -1, np.int32), scores=scores)
             )
         self.stats.update(counts)
         return out
@@ -93,17 +100,9 @@ def cap_boxes(record: ImageRecord, max_boxes: int) -> ImageRecord:
     """Keep a record's `max_boxes` largest boxes (annotations; ties: file order), in their original order."""
     if len(record.labels) <= max_boxes:
         return record
-    keep = np.sort(np.argsort(-box_areas(record.boxes), kind="stable")[:max_boxes])
-    return ImageRecord(
-        key=record.key,
-        image_id=record.image_id,
-        file_name=record.file_name,
-        path=record.path,
-        width=record.width,
-        height=record.height,
-        boxes=record.boxes[keep],
-        labels=record.labels[keep],
-        scores=record.scores[keep],
+    keep = best_n_in_order(box_areas(record.boxes), max_boxes)
+    return dataclasses.replace(
+        record, boxes=record.boxes[keep], labels=record.labels[keep], scores=record.scores[keep]
     )
 
 
@@ -111,14 +110,17 @@ def load_proposals(path: str | Path, reader: Reader) -> Proposals:
     """Read and validate a proposals file against `reader`'s images, before any extraction work.
 
     Raises:
-        RegionSpotError: malformed JSON, records without a usable box, or image ids not in the
-            dataset — naming the first offenders and how many there are.
+        RegionSpotError: malformed JSON; records whose box or score is not a finite number (or is a
+            negative score); no box at all; or image ids not in the dataset — naming the first
+            offenders (index and image id) and how many there are.
     """
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise RegionSpotError(f"cannot read proposals {path}: {e.strerror}") from None
+    if not raw.strip():
+        raise RegionSpotError(f"proposals {path} is empty; give the detector's results file")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -141,6 +143,11 @@ def load_proposals(path: str | Path, reader: Reader) -> Proposals:
             f"(first: {', '.join(unknown[:_SHOWN])}); the proposals must be for this dataset's images"
         )
     stats.update(images=len(by_key), boxes=int(sum(len(s) for _, s in by_key.values())))
+    if stats["boxes"] == 0:
+        raise RegionSpotError(
+            f"proposals {path} holds no boxes ({len(data)} {'records' if isinstance(data, list) else 'images'}); "
+            "every image would have zero regions and AP 0: give the detector's results file"
+        )
     return Proposals(by_key, hashlib.sha256(raw).hexdigest(), stats)
 
 
@@ -154,18 +161,20 @@ def _from_results_list(path: Path, data: list) -> tuple[dict, dict]:
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
             bad.append((f"record {i}", rec, "expected an object"))
-        elif not isinstance(rec.get("image_id"), int | str) or isinstance(rec.get("image_id"), bool):
+            continue
+        where = f"record {i} (image_id {rec.get('image_id')!r})"
+        if not isinstance(rec.get("image_id"), int | str) or isinstance(rec.get("image_id"), bool):
             bad.append((f"record {i}", rec, "no 'image_id'"))
-        elif not _is_box(rec.get("bbox")):
-            bad.append((f"record {i}", rec, "no 'bbox' [x, y, w, h]"))
-        elif "score" in rec and not _is_number(rec["score"]):
-            bad.append((f"record {i}", rec, "'score' must be a number"))
+        elif why := _box_fault(rec.get("bbox"), "no 'bbox' [x, y, w, h]"):
+            bad.append((where, rec, why))
+        elif "score" in rec and (why := _score_fault(rec["score"])):
+            bad.append((where, rec, why))
     if bad:
         raise _fail(path, bad, len(data), "records")
     grouped: dict[str, dict[tuple, float]] = {}  # key -> {box: best score}, insertion = first appearance
     for rec in data:
         boxes = grouped.setdefault(str(rec["image_id"]), {})
-        box = tuple(float("nan") if v is None else float(v) for v in rec["bbox"])
+        box = tuple(float(v) for v in rec["bbox"])
         score = float(rec.get("score", 1.0))
         boxes[box] = max(score, boxes.get(box, -np.inf))
     by_key = {}
@@ -176,25 +185,32 @@ def _from_results_list(path: Path, data: list) -> tuple[dict, dict]:
     return by_key, {"format": "coco-results", "records": len(data), "duplicates_merged": merged}
 
 
+def _entry_fault(entry: object) -> str | None:
+    """Why an official-dict entry is unusable, naming the first bad box or score, or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("boxes"), list):
+        return "expected {'boxes': [[x0, y0, x1, y1], ...], 'scores': [...]}"
+    for j, box in enumerate(entry["boxes"]):
+        if why := _box_fault(box, "not [x0, y0, x1, y1]"):
+            return f"box {j}: {why}"
+    if "scores" not in entry:
+        return None
+    scores = entry["scores"]
+    if not isinstance(scores, list) or len(scores) != len(entry["boxes"]):
+        return "'scores' must be one number per box"
+    return next((f"box {j}: {why}" for j, s in enumerate(scores) if (why := _score_fault(s))), None)
+
+
 def _from_official_dict(path: Path, data: dict) -> tuple[dict, dict]:
-    bad = []
-    for image_id, entry in data.items():
-        where = f"image {image_id!r}"
-        if not isinstance(entry, dict):
-            bad.append((where, entry, "expected {'boxes': [...], 'scores': [...]}"))
-        elif not isinstance(entry.get("boxes"), list) or not all(_is_box(b) for b in entry["boxes"]):
-            bad.append((where, entry, "no 'boxes' list of [x0, y0, x1, y1]"))
-        elif "scores" in entry and (
-            not isinstance(entry["scores"], list)
-            or len(entry["scores"]) != len(entry["boxes"])
-            or not all(_is_number(s) for s in entry["scores"])
-        ):
-            bad.append((where, entry, "'scores' must be one number per box"))
+    bad = [
+        (f"image {image_id!r}", entry, why)
+        for image_id, entry in data.items()
+        if (why := _entry_fault(entry))
+    ]
     if bad:
         raise _fail(path, bad, len(data), "images")
     by_key = {}
     for image_id, entry in data.items():
-        boxes = np.array([[np.nan if v is None else v for v in b] for b in entry["boxes"]], np.float32)
-        scores = np.array(entry.get("scores", [1.0] * len(boxes)), np.float32)
-        by_key[str(image_id)] = (boxes.reshape(-1, 4), scores.reshape(-1))
+        boxes = np.array(entry["boxes"], np.float32).reshape(-1, 4)
+        scores = np.array(entry.get("scores", [1.0] * len(boxes)), np.float32).reshape(-1)
+        by_key[str(image_id)] = (boxes, scores)
     return by_key, {"format": "official-dict", "records": len(data), "duplicates_merged": 0}

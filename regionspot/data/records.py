@@ -4,22 +4,25 @@ interface every reader (`CocoReader`, `OpenImagesReader`) offers."""
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
-_NAME_SUFFIXES = ("-other", "-merged", "-stuff")
+from regionspot.data.boxes import sanitize_boxes
+
+_NAME_PARTS = ("-other", "-merged", "-stuff")
 
 
 def clean_class_name(name: str) -> str:
-    """The name used for text embeddings: the dataset's spelling less `-other`, `-merged`, `-stuff`.
+    """The name used for text embeddings: the dataset's spelling less `-other`, `-merged` and `-stuff`
+    wherever they occur (`sky-other-merged` -> `sky`), as the official code does.
 
     LVIS names keep their underscores and parentheses, as the official code does.
     """
-    for suffix in _NAME_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+    for part in _NAME_PARTS:
+        name = name.replace(part, "")
     return name
 
 
@@ -55,6 +58,8 @@ class ImageRecord:
     boxes:   float32 [N, 4], XYXY, absolute pixels of the original image, already clipped to it.
     labels:  int32 [N], index into the reader's vocabulary (position, not category id); -1 = unknown.
     scores:  float32 [N], proposal confidence; 1.0 for annotations.
+    skip_reason: why extraction must skip the image without reading it (its file name leaves the
+             image folder); None for an image to read.
     """
 
     key: str
@@ -66,6 +71,7 @@ class ImageRecord:
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    skip_reason: str | None = None
 
     def __post_init__(self):
         if "." in self.key:
@@ -103,7 +109,21 @@ STAT_KEYS = (
     "boxes_dropped",
     "boxes_clipped",
     "images_without_boxes",
+    "images_outside_root",
 )
+
+
+def leaves_folder(name: str) -> bool:
+    """Whether a file name, taken relative to a folder, names a file outside it: absolute (`/x.jpg`,
+    `C:\\x.jpg`) or climbing out (`../../x.jpg`).
+
+    Decided on the name alone, not on the resolved path: links inside the folder are followed as
+    usual, since datasets are often linked into place.
+    """
+    if PureWindowsPath(name).anchor:  # "/x", "\\x", "C:\\x", "C:x", "//host/share/x"
+        return True
+    climbed = posixpath.normpath(name.replace("\\", "/"))
+    return climbed == ".." or climbed.startswith("../")
 
 
 class Reader:
@@ -113,14 +133,22 @@ class Reader:
     and kept; `sources` hashes the annotation files on first use.
 
     name:        the dataset name (`lvis_val`) or the spec it was opened with (`coco:a.json:imgs`).
+    image_dir:   the folder image file names are relative to.
+    allow_outside_root: read file names that leave `image_dir` (`../x.jpg`, `/x.jpg`); when False
+                 such an image keeps its record with a `skip_reason` (extraction skips and lists it)
+                 and is counted in `stats["images_outside_root"]`.
     vocabulary:  list[Category]; label k of a record is vocabulary[k].
     sources:     {"annotations": relative path, "sha256": hex, ...}, for the run identity.
     stats:       counts of what the reader skipped, dropped and clipped (keys in STAT_KEYS).
     """
 
-    def __init__(self, name: str, data_root: Path | None = None):
+    def __init__(
+        self, name: str, image_dir: Path, data_root: Path | None = None, allow_outside_root: bool = False
+    ):
         self.name = name
+        self.image_dir = Path(image_dir)
         self.data_root = data_root
+        self.allow_outside_root = allow_outside_root
         self._vocabulary: list[Category] | None = None
         self._records: list[ImageRecord] | None = None
         self._by_key: dict[str, ImageRecord] | None = None
@@ -134,6 +162,43 @@ class Reader:
     def _source_files(self) -> dict[str, Path]:
         """role -> annotation file; the first role is "annotations"."""
         raise NotImplementedError
+
+    def _image_path(self, name: str) -> tuple[Path, str | None]:
+        """(the file of image file name `name`, why it must not be read or None); counts refusals."""
+        path = self.image_dir / name
+        if self.allow_outside_root or not leaves_folder(name):
+            return path, None
+        self._stats["images_outside_root"] += 1
+        return path, (
+            f"file_name {name!r} leaves the image folder {self.image_dir}; "
+            "pass --allow-outside-root to read it"
+        )
+
+    def _boxes_per_image(
+        self, img_pos, labels, boxes, unwanted, unwanted_stat: str, num_images: int, width, height
+    ):
+        """Drop the unwanted boxes, sanitise the rest and group them by image, counting both in `stats`.
+
+        Args:
+            img_pos: int [A], the image position of each box; labels: int32 [A];
+            boxes: float [A, 4] XYXY, in the frame `width` x `height`.
+            unwanted: bool [A], boxes that are not one object to name (crowd, group), counted under
+                `stats[unwanted_stat]`.
+            width, height: scalars, or [num_images] arrays (one size per image).
+        Returns:
+            labels int32 [B], boxes float32 [B, 4] (clipped), bounds int [num_images + 1]: image i's
+            boxes are `bounds[i]:bounds[i + 1]`, in the file's order.
+        """
+        self._stats[unwanted_stat] = int(unwanted.sum())
+        img_pos, labels, boxes = img_pos[~unwanted], labels[~unwanted], boxes[~unwanted]
+        per_box = lambda size: np.asarray(size)[img_pos] if np.ndim(size) else size  # noqa: E731
+        boxes, keep, counts = sanitize_boxes(boxes, per_box(width), per_box(height))
+        self._stats["boxes_dropped"] = counts["dropped_invalid"]
+        self._stats["boxes_clipped"] = counts["clipped"]
+        img_pos, labels, boxes = img_pos[keep], labels[keep], boxes[keep]
+        order = np.argsort(img_pos, kind="stable")
+        bounds = np.searchsorted(img_pos[order], np.arange(num_images + 1))
+        return labels[order], boxes[order], bounds
 
     def _ensure_loaded(self) -> None:
         if self._records is None:

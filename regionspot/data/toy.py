@@ -83,7 +83,7 @@ def ensure_toy(
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{split}-", dir=root))
         try:
             dataset = generate(split, tmp / "images", num_images)
-            (tmp / "annotations.json").write_text(json.dumps(dataset, separators=(",", ":")))
+            (tmp / "annotations.json").write_text(json.dumps(dataset, separators=(",", ":"), allow_nan=False))
             annotations.unlink(missing_ok=True)  # the completion mark goes first, comes back last
             if image_dir.exists():
                 shutil.rmtree(image_dir)

@@ -3,16 +3,20 @@
 `detections.json` is the COCO / LVIS results format: a list of
 `{"image_id", "category_id" (the annotation file's id), "bbox": [x, y, w, h] (pixels), "score"}`, plus
 `"segmentation"` (COCO RLE) with --masks. Read it with `json.load`; the lvis / pycocotools APIs take
-it as is. The columns held here carry exactly the values written (boxes rounded to 0.01 px, scores
-as float64 of the float32 product), so metrics computed from them equal metrics computed from the file.
+it as is. It is strict JSON: a non-finite box or score is refused when it is added, never written.
+The columns held here carry exactly the values written (boxes rounded to 0.01 px, scores as float64
+of the float32 product), so metrics computed from them equal metrics computed from the file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from regionspot.errors import RegionSpotError
 
 
 class Detections:
@@ -39,17 +43,28 @@ class Detections:
             class_idx: int [M] vocabulary positions.
             scores: float [M] final scores (proposal score x probability).
             masks: M COCO RLE dicts (with_masks only).
+        Raises:
+            RegionSpotError: a box or score is NaN or infinite (a damaged shard or a diverged head);
+                JSON has no such numbers, and metrics on them would mean nothing.
         """
         self.images += 1
         m = len(scores)
         if m == 0:
             return
         b = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+        s = np.asarray(scores, np.float32)
+        if not (np.isfinite(b).all() and np.isfinite(s).all()):
+            what = "scores" if np.isfinite(b).all() else "boxes"
+            raise RegionSpotError(
+                f"image {image_id}: detection {what} are not finite (NaN or infinite); the shards' boxes "
+                "or scores are damaged or the head diverged: run 'regionspot shards verify' on the set "
+                "and check the checkpoint"
+            )
         xywh = np.round(np.column_stack([b[:, :2], b[:, 2:] - b[:, :2]]), 2)  # [M, 4]
         self._image_id.append(np.full(m, image_id, np.int64))
         self._category.append(self.category_ids[np.asarray(class_idx, np.int64)])
         self._bbox.append(xywh)
-        self._score.append(np.asarray(scores, np.float32).astype(np.float64))
+        self._score.append(s.astype(np.float64))
         if self.with_masks:
             if masks is None or len(masks) != m:
                 raise ValueError("with_masks detections need one mask per detection")
@@ -73,9 +88,9 @@ class Detections:
 
     def write_json(self, path: Path, chunk: int = 20000) -> None:
         """Write the results list, streaming (LVIS val holds ~6 M detections), atomically."""
-        import json
-
         cols = self.columns()
+        # `add` refuses non-finite values; f-strings would write them as `nan`, which is not JSON
+        assert np.isfinite(cols["bbox"]).all() and np.isfinite(cols["score"]).all()
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         n = len(cols["score"])
@@ -90,7 +105,9 @@ class Detections:
                     # f-string floats are repr(), what json writes; the values read back unchanged.
                     row = f'{{"image_id": {i}, "category_id": {c}, "bbox": [{x}, {y}, {w}, {h}], "score": {s}'
                     if self.with_masks:
-                        row += f', "segmentation": {json.dumps(cols["segmentation"][lo + k])}'
+                        row += (
+                            f', "segmentation": {json.dumps(cols["segmentation"][lo + k], allow_nan=False)}'
+                        )
                     parts.append(row + "}")
                 f.write(("" if lo == 0 else ", ") + ", ".join(parts))
             f.write("]\n")

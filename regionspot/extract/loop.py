@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from regionspot.data.images import ImageDecodeError, load_image
+from regionspot.data.images import ImageDecodeError, SizeMismatch, load_record_image
 from regionspot.data.records import ImageRecord
 from regionspot.extract.partition import shard_range
 from regionspot.extract.sink import ShardSink
@@ -32,17 +32,25 @@ class Decoded:
 
 
 class DecodedImages(Dataset):
-    """Decodes and resizes the images of `records`; a corrupt file becomes a `Decoded` with `error`."""
+    """Decodes and resizes the images of `records`; an image that cannot be used (corrupt, outside
+    the image folder, not the annotated size) becomes a `Decoded` with `error`, the reason."""
 
-    def __init__(self, records: Sequence[ImageRecord], sam_prepare: Callable, clip_prepare: Callable):
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        sam_prepare: Callable,
+        clip_prepare: Callable,
+        size_mismatch: SizeMismatch = "skip",
+    ):
         self.records, self.sam_prepare, self.clip_prepare = records, sam_prepare, clip_prepare
+        self.size_mismatch = size_mismatch
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, position: int) -> Decoded:
         try:
-            image = load_image(self.records[position].path)
+            image = load_record_image(self.records[position], self.size_mismatch)
         except ImageDecodeError as e:
             return Decoded(position, None, None, str(e))
         return Decoded(position, self.sam_prepare(image), self.clip_prepare(image))
@@ -102,12 +110,16 @@ def extract_shards(
     masks: bool,
     device: torch.device,
     on_batch: Callable[[int, int], None] = lambda images, regions: None,
+    size_mismatch: SizeMismatch = "skip",
 ) -> dict[str, float]:
-    """Extract the given shards of `records` into `sink`; returns seconds per phase."""
+    """Extract the given shards of `records` into `sink`; returns seconds per phase.
+
+    size_mismatch: for an image whose size is not its annotation's, see `load_record_image`.
+    """
     sam, clip = backbones.sam, backbones.clip
     batches = shard_batches(shards, shard_size, len(records), batch_size)
     loader = DataLoader(
-        DecodedImages(records, sam.prepare, clip.prepare),
+        DecodedImages(records, sam.prepare, clip.prepare, size_mismatch),
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=list,
