@@ -134,6 +134,7 @@ class CocoReader(Reader):
         annotations: Path,
         image_dir: Path,
         name: str,
+        *,
         data_root: Path | None = None,
         allow_outside_root: bool = False,
     ):

@@ -156,6 +156,7 @@ class OpenImagesReader(Reader):
         classes_csv: Path,
         image_dir: Path,
         name: str,
+        *,
         data_root: Path | None = None,
         allow_outside_root: bool = False,
     ):

@@ -187,8 +187,10 @@ def _from_results_list(path: Path, data: list) -> tuple[dict, dict]:
 
 def _entry_fault(entry: object) -> str | None:
     """Why an official-dict entry is unusable, naming the first bad box or score, or None."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("boxes"), list):
-        return "expected {'boxes': [[x0, y0, x1, y1], ...], 'scores': [...]}"
+    if not isinstance(entry, dict):
+        return "expected {'boxes': [...], 'scores': [...]}"
+    if not isinstance(entry.get("boxes"), list):
+        return "no 'boxes' list of [x0, y0, x1, y1]"
     for j, box in enumerate(entry["boxes"]):
         if why := _box_fault(box, "not [x0, y0, x1, y1]"):
             return f"box {j}: {why}"
