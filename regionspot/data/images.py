@@ -103,11 +103,12 @@ def load_record_image(record: ImageRecord, size_mismatch: SizeMismatch = "skip")
     path, want = record.path, (int(record.width), int(record.height))
     try:
         with Image.open(path) as im:
+            im.load()  # first: a PNG may keep its EXIF after the pixels
             stored = im.size
             orientation = im.getexif().get(_ORIENTATION, 1)
             oriented = stored[::-1] if orientation in (5, 6, 7, 8) else stored
             turn = orientation in range(2, 9) and oriented == want
-            if not turn and stored != want and size_mismatch == "skip":  # before decoding the pixels
+            if not turn and stored != want and size_mismatch == "skip":
                 turned = (
                     f" ({oriented[0]}x{oriented[1]} with its EXIF orientation)" if oriented != stored else ""
                 )
@@ -116,7 +117,6 @@ def load_record_image(record: ImageRecord, size_mismatch: SizeMismatch = "skip")
                     "its boxes would land in the wrong place (pass --size-mismatch rescale to resample it "
                     "to the annotated size, or fix the annotation's width/height)"
                 )
-            im.load()
             image = _rgb8(ImageOps.exif_transpose(im) if turn else im, path)
     except _DECODE_ERRORS as e:
         raise ImageDecodeError(f"cannot decode {path}: {e}") from e
