@@ -85,7 +85,9 @@ class FaultInjector:
 
     def _truncated(self, environ, start_response):
         status_headers = []
-        body = b"".join(self.app(environ, lambda status, headers, exc_info=None: status_headers.append((status, headers))))
+        body = b"".join(
+            self.app(environ, lambda status, headers, exc_info=None: status_headers.append((status, headers)))
+        )
         start_response(*status_headers[0])
         yield body[: len(body) // 2]
         _close(environ)
@@ -120,7 +122,9 @@ class S3Server:
         host, port = self._server.get_host_and_port()
         return f"http://{host}:{port}"
 
-    def fail(self, key_part: str, mode: str = "drop", times: int | None = 1, method: str | None = None) -> Fault:
+    def fail(
+        self, key_part: str, mode: str = "drop", times: int | None = 1, method: str | None = None
+    ) -> Fault:
         """Fail the next `times` requests (None: all) whose path contains `key_part` (and whose HTTP
         method is `method`, when given)."""
         return self.faults.add(Fault(key_part, mode, times, method))
@@ -142,7 +146,9 @@ class S3Bucket:
     def url(self) -> str:
         return f"s3://{self.name}"
 
-    def fail(self, key_part: str, mode: str = "drop", times: int | None = 1, method: str | None = None) -> Fault:
+    def fail(
+        self, key_part: str, mode: str = "drop", times: int | None = 1, method: str | None = None
+    ) -> Fault:
         return self.server.fail(key_part, mode, times, method)
 
     def requests(self, key_part: str, method: str | None = None) -> int:
@@ -167,6 +173,9 @@ def create_bucket(endpoint: str, name: str) -> None:
     import boto3
 
     boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
         region_name="us-east-1",
     ).create_bucket(Bucket=name)

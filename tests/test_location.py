@@ -40,7 +40,12 @@ def test_round_trip_of_every_method(where, tmp_path):
     where.upload(zarr_like, "shard-000001.zarr")
     where.write_bytes_atomic("o365/manifest.json", b"{}")
 
-    assert where.list() == ["o365", "shard-000000.json", "shard-000000.tar", "shard-000001.zarr"]  # no temporaries
+    assert where.list() == [
+        "o365",
+        "shard-000000.json",
+        "shard-000000.tar",
+        "shard-000001.zarr",
+    ]  # no temporaries
     assert where.list("shard-*.json") == ["shard-000000.json"]
     assert where.exists("shard-000000.tar") and where.exists("shard-000001.zarr/c/0")
     assert where.read_bytes("shard-000000.json") == b'{"samples": 3}'
@@ -58,13 +63,18 @@ def test_round_trip_of_every_method(where, tmp_path):
         where.read_bytes("shard-000009.json")
 
     sets = where.child("o365")
-    assert sets.name == "o365" and sets.read_bytes("manifest.json") == b"{}" and str(sets).endswith("set/o365")
+    assert (
+        sets.name == "o365" and sets.read_bytes("manifest.json") == b"{}" and str(sets).endswith("set/o365")
+    )
 
     replacement = where.scratch_path("shard-000001.zarr")
     replacement.mkdir()
     (replacement / "zarr.json").write_text('{"new": 1}')
     where.upload(replacement, "shard-000001.zarr")  # replaces the whole directory
-    assert not where.exists("shard-000001.zarr/c/0") and where.read_bytes("shard-000001.zarr/zarr.json") == b'{"new": 1}'
+    assert (
+        not where.exists("shard-000001.zarr/c/0")
+        and where.read_bytes("shard-000001.zarr/zarr.json") == b'{"new": 1}'
+    )
 
     where.delete("shard-000000.tar")
     where.delete("shard-000001.zarr")
@@ -74,7 +84,12 @@ def test_round_trip_of_every_method(where, tmp_path):
 
 def test_local_paths_stay_plain_files(tmp_path):
     loc = Location.parse(str(tmp_path / "set"))
-    assert loc.is_local and not loc.read_only and loc.local_path == tmp_path / "set" and str(loc) == str(tmp_path / "set")
+    assert (
+        loc.is_local
+        and not loc.read_only
+        and loc.local_path == tmp_path / "set"
+        and str(loc) == str(tmp_path / "set")
+    )
     loc.write_bytes_atomic("manifest.json", b"{}")
     assert (tmp_path / "set" / "manifest.json").read_bytes() == b"{}"
     assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["manifest.json"]  # no temporary left
@@ -88,13 +103,22 @@ def test_local_paths_stay_plain_files(tmp_path):
 
 
 def test_url_locations_show_no_secret():
-    loc = Location.parse("s3://bucket/sets/o365", {"key": "AKIAXXX", "secret": "hunter2", "client_kwargs": {
-        "region_name": "eu-west-1", "aws_session_token": "t0k3n-value"}})
+    loc = Location.parse(
+        "s3://bucket/sets/o365",
+        {
+            "key": "AKIAXXX",
+            "secret": "hunter2",
+            "client_kwargs": {"region_name": "eu-west-1", "aws_session_token": "t0k3n-value"},
+        },
+    )
     assert not loc.is_local and loc.name == "o365" and str(loc) == "s3://bucket/sets/o365"
     assert "hunter2" not in repr(loc) and "AKIAXXX" not in repr(loc) and "t0k3n-value" not in repr(loc)
     assert "eu-west-1" in repr(loc)
     assert mask_options({"password": "p", "anon": False, "nested": {"api_token": "t"}}) == {
-        "password": "***", "anon": False, "nested": {"api_token": "***"}}
+        "password": "***",
+        "anon": False,
+        "nested": {"api_token": "***"},
+    }
     assert str(Location.parse("https://user:pw@host/sets/x?sig=abc")) == "https://***@host/sets/x?..."
     with pytest.raises(RegionSpotError, match="needs a local directory"):
         _ = loc.local_path
@@ -105,8 +129,15 @@ def test_https_is_read_only(tmp_path):
     assert loc.read_only
     f = tmp_path / "x"
     f.write_bytes(b"x")
-    for write in (lambda: loc.write_bytes_atomic("a.json", b"{}"), lambda: loc.upload(f, "a"), lambda: loc.delete("a")):
-        with pytest.raises(RegionSpotError, match=r"^https://example.invalid/sets/o365/a\S*: https:// locations are read-only") as e:
+    for write in (
+        lambda: loc.write_bytes_atomic("a.json", b"{}"),
+        lambda: loc.upload(f, "a"),
+        lambda: loc.delete("a"),
+    ):
+        with pytest.raises(
+            RegionSpotError,
+            match=r"^https://example.invalid/sets/o365/a\S*: https:// locations are read-only",
+        ) as e:
             write()
         assert "\n" not in str(e.value)
     assert f.exists()
@@ -115,7 +146,10 @@ def test_https_is_read_only(tmp_path):
 def test_a_missing_protocol_package_names_the_extra(monkeypatch):
     if importlib.util.find_spec("gcsfs") is not None:
         monkeypatch.setitem(sys.modules, "gcsfs", None)  # an import of it raises ImportError
-    with pytest.raises(RegionSpotError, match=r'gs://bucket/x: gs:// needs gcsfs, which is not installed; pip install "regionspot\[gcs\]"'):
+    with pytest.raises(
+        RegionSpotError,
+        match=r'gs://bucket/x: gs:// needs gcsfs, which is not installed; pip install "regionspot\[gcs\]"',
+    ):
         Location.parse("gs://bucket/x")
     monkeypatch.setitem(sys.modules, "s3fs", None)
     with pytest.raises(RegionSpotError, match=r'pip install "regionspot\[s3\]"') as e:
@@ -133,7 +167,9 @@ def test_a_dropped_connection_is_retried(s3, caplog):
     with caplog.at_level(logging.WARNING, logger="regionspot.shards.location"):
         s3.fail("shard-000000.tar", "truncate", method="GET")  # closed half-way through the body
         assert loc.read_bytes("shard-000000.tar") == DATA
-    assert "set/shard-000000.tar: read failed (ClientPayloadError" in caplog.text and "try 2 of 3" in caplog.text
+    assert (
+        "set/shard-000000.tar: read failed (ClientPayloadError" in caplog.text and "try 2 of 3" in caplog.text
+    )
     s3.fail("shard-000001.json", "503", method="PUT")
     loc.write_bytes_atomic("shard-000001.json", b"{}")  # writes are retried too
     assert loc.read_bytes("shard-000001.json") == b"{}"
@@ -144,7 +180,9 @@ def test_a_lasting_failure_stops_after_the_tries_naming_the_object(s3):
     loc.write_bytes_atomic("shard-000000.tar", DATA)
     before = s3.requests("shard-000000.tar", "GET")
     s3.fail("shard-000000.tar", "503", times=None, method="GET")
-    with pytest.raises(RegionSpotError, match=rf"^{s3.url}/set/shard-000000.tar: read failed after 3 tries \(") as e:
+    with pytest.raises(
+        RegionSpotError, match=rf"^{s3.url}/set/shard-000000.tar: read failed after 3 tries \("
+    ) as e:
         loc.read_range("shard-000000.tar", 0, 10)
     assert "\n" not in str(e.value)
     assert s3.requests("shard-000000.tar", "GET") - before == 3  # no hidden retries below ours

@@ -147,7 +147,9 @@ class Location:
     def local_path(self) -> Path:
         """The directory, for code that must stay on files; a URL raises RegionSpotError."""
         if not self.is_local:
-            raise RegionSpotError(f"{self}: this needs a local directory, not a URL; copy the set to disk first")
+            raise RegionSpotError(
+                f"{self}: this needs a local directory, not a URL; copy the set to disk first"
+            )
         return self._root
 
     @property
@@ -248,12 +250,18 @@ class Location:
             finally:
                 os.close(fd)
         else:
-            buf = self._retry("read", name, self.fs.cat_file, self._join(name), start=offset, end=offset + length)
+            buf = self._retry(
+                "read", name, self.fs.cat_file, self._join(name), start=offset, end=offset + length
+            )
             got = len(buf)
             if got > length:
-                raise RegionSpotError(f"{self._show(name)}: the server ignores range requests; copy the set to disk")
+                raise RegionSpotError(
+                    f"{self._show(name)}: the server ignores range requests; copy the set to disk"
+                )
         if got < length:
-            raise EOFError(f"{self._show(name)}: {got} of {length} bytes at offset {offset}; the object ends early")
+            raise EOFError(
+                f"{self._show(name)}: {got} of {length} bytes at offset {offset}; the object ends early"
+            )
         return buf
 
     def open_read(self, name: str, block_size: int = 16 << 20) -> BinaryIO:
@@ -378,7 +386,9 @@ class Location:
             except Exception as e:
                 if isinstance(e, FileNotFoundError) and not _transient(e.__cause__):
                     if what in ("write", "upload"):  # what is missing is the bucket
-                        raise RegionSpotError(f"{where}: {what} failed: {_summary(e)}; does the bucket exist?") from e
+                        raise RegionSpotError(
+                            f"{where}: {what} failed: {_summary(e)}; does the bucket exist?"
+                        ) from e
                     raise FileNotFoundError(errno.ENOENT, "no such object", where) from None
                 if not _transient(e):
                     hint = "; check the credentials" if isinstance(e, PermissionError) else ""
@@ -389,8 +399,15 @@ class Location:
                         "unreachable or failing: check the endpoint and run the command again"
                     ) from e
                 delay = min(8.0, self.backoff_s * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0)
-                log.warning("%s: %s failed (%s); try %d of %d in %.1f s", where, what, _summary(e),
-                            attempt + 1, self.tries, delay)
+                log.warning(
+                    "%s: %s failed (%s); try %d of %d in %.1f s",
+                    where,
+                    what,
+                    _summary(e),
+                    attempt + 1,
+                    self.tries,
+                    delay,
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -494,7 +511,12 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 
     from fsspec.exceptions import FSTimeoutError
 
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError, http.client.IncompleteRead, FSTimeoutError]
+    types: list[type[BaseException]] = [
+        ConnectionError,
+        TimeoutError,
+        http.client.IncompleteRead,
+        FSTimeoutError,
+    ]
     try:
         import botocore.exceptions as boto
 
