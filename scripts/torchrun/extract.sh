@@ -6,17 +6,7 @@
 #              --backbones bl --sam-checkpoint sam_vit_b_01ec64.pth --clip-pretrained openai --out /shared/shards/o365
 #   node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 bash scripts/torchrun/extract.sh ...same arguments...
 #
-# torchrun starts NPROC_PER_NODE processes per node (default: one per visible GPU, else 1); process
-# RANK of WORLD_SIZE extracts the shards i with i mod WORLD_SIZE = RANK on cuda:LOCAL_RANK. --out must
-# be writable from every node; running the same command again resumes.
-set -euo pipefail
-PYTHON=${PYTHON:-python}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')}
-
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
-  --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  -m regionspot.cli extract "$@"
+# torchrun starts NPROC_PER_NODE processes per node (default: one per visible GPU, else 1; launch.sh
+# lists the variables); process RANK of WORLD_SIZE extracts the shards i with i mod WORLD_SIZE = RANK
+# on cuda:LOCAL_RANK. --out must be writable from every node; running the same command again resumes.
+exec bash "$(dirname "$0")/launch.sh" extract "$@"
