@@ -22,7 +22,7 @@ What it owns:
   writing a shard and then its record keeps "a record exists" meaning "the shard is complete".
 - Transient faults of an object store (a dropped connection, a 5xx, a timeout) are retried here, with
   exponential backoff, `tries` times in all; then a `RegionSpotError` names the object and the tries.
-  s3's own client retries are switched off unless `storage_options` set them, so `tries` is the
+  s3's own client retries are off unless `storage_options` has `config_kwargs`, so `tries` is the
   number of requests made. A missing object is `FileNotFoundError`; any other failure one line.
 - A Location pickles (for DataLoader workers) and rebuilds its fsspec client in a forked process,
   whose inherited client would be bound to the parent's event loop.
@@ -220,7 +220,12 @@ class Location:
         """Bytes of the object `name`."""
         if self.is_local:
             return self._path(name).stat().st_size
-        return int(self._retry("size", name, self.fs.size, self._join(name)))
+        size = self._retry("size", name, self.fs.size, self._join(name))
+        if size is None:  # an http server that sends no Content-Length
+            raise RegionSpotError(
+                f"{self._show(name)}: the server does not report the size; copy the set to disk"
+            )
+        return int(size)
 
     def read_bytes(self, name: str) -> bytes:
         """The whole object `name` (for small ones: records, the manifest, text embeddings)."""
@@ -279,8 +284,11 @@ class Location:
         self._refuse_read_only(name)
         if self.is_local:
             tmp = self.scratch_path(name)
-            tmp.write_bytes(data)
-            os.replace(tmp, self._path(name))
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, self._path(name))
+            finally:
+                tmp.unlink(missing_ok=True)  # only after a failure is it still there
         else:
             self._retry("write", name, self.fs.pipe_file, self._join(name), data)
 
