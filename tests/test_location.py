@@ -97,6 +97,7 @@ def test_local_paths_stay_plain_files(tmp_path):
     buf = loc.read_range("a.bin", 10, 20)
     assert isinstance(buf, bytearray) and buf == DATA[10:30]  # writable: arrays on it need no copy
     assert loc._fs is None  # no fsspec client for local files
+    assert loc.url("a.bin") == str(tmp_path / "set" / "a.bin")
     same = Location.parse(f"file://{tmp_path}/set")
     assert same.is_local and same.local_path == tmp_path / "set" and same == loc
     assert Location.parse(loc) is loc and Location.parse(Path("rel/dir")).local_path == Path("rel/dir")
@@ -112,6 +113,7 @@ def test_url_locations_show_no_secret():
         },
     )
     assert not loc.is_local and loc.name == "o365" and str(loc) == "s3://bucket/sets/o365"
+    assert loc.url("shard-000000.zarr") == "s3://bucket/sets/o365/shard-000000.zarr"
     assert "hunter2" not in repr(loc) and "AKIAXXX" not in repr(loc) and "t0k3n-value" not in repr(loc)
     assert "eu-west-1" in repr(loc)
     assert mask_options({"password": "p", "anon": False, "nested": {"api_token": "t"}}) == {

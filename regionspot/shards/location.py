@@ -163,6 +163,11 @@ class Location:
         out._fs, out._fs_pid = self._fs, self._fs_pid
         return out
 
+    def url(self, name: str = "") -> str:
+        """The full URL (or local path) of `name`, to hand to another fsspec-based library with
+        `storage_options` (zarr's `FsspecStore.from_url`); messages use `str()`, which hides credentials."""
+        return str(self._join(name))
+
     def __str__(self) -> str:
         return str(self._root) if self.is_local else _mask_url(self._root)
 
