@@ -47,3 +47,33 @@ def toy_shards(toy_root, tmp_path_factory):
                             limit=48, gpus=0)
         sets[name] = run_extract(cfg)
     return sets
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port with fault injection (tests/s3_server.py), once per session."""
+    pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.[test]')")
+    pytest.importorskip("s3fs", reason="needs s3fs (pip install -e '.[test]')")
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path_factory):
+    """A fresh, empty bucket on the loopback S3 server (`s3.url` is `s3://NAME`); the environment, which
+    subprocesses inherit, points S3 clients at the server. Faults injected by the test end with it."""
+    import uuid
+
+    from s3_server import S3Bucket, create_bucket, s3_environment
+
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in s3_environment(s3_server.endpoint, tmp_path_factory.mktemp("aws")).items():
+        monkeypatch.setenv(var, value)
+    bucket = S3Bucket(s3_server, f"test-{uuid.uuid4().hex[:12]}")
+    create_bucket(s3_server.endpoint, bucket.name)
+    yield bucket
+    s3_server.faults.clear()
