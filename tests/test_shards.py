@@ -735,6 +735,10 @@ def test_claim_names_each_differing_field(tmp_path):
     ShardSetWriter(out, "wds").claim(identity("wds", limit=3))
     assert read_identity(out) == identity("wds", limit=3)
     ShardSetWriter(out, "wds").claim(identity("wds", limit=3))  # the same run: let in
+    same = identity("wds", limit=3)
+    same["backbones"]["clip"]["mean"] = (0.5, 0.25)
+    ShardSetWriter(tmp_path / "tuple", "wds").claim(same)
+    ShardSetWriter(tmp_path / "tuple", "wds").claim(same)  # a tuple reads back as a list: the same run
     with pytest.raises(RegionSpotError) as e:
         ShardSetWriter(out, "wds").claim(identity("wds", limit=5))
     msg = str(e.value)

@@ -1,8 +1,8 @@
 """The shard sink: a background thread that writes finished samples so the accelerator never waits for disk.
 
 The compute loop hands it samples in key order, one shard at a time; the sink thread passes them to
-the shard set writer's open shard, and when a shard ends closes it (temp name -> final name, hash,
-`shard-NNNNNN.json`: the record that marks the shard complete for resume and for the manifest).
+the shard set writer's open shard, and when a shard ends closes it (temporary name -> final name,
+hash, record: what marks the shard complete for resume and for the manifest).
 """
 
 from __future__ import annotations

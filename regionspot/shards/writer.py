@@ -125,6 +125,7 @@ class ShardSetWriter:
             DIR/identity.json") when the directory holds another run's shards.
         """
         assert identity["storage"] == self.storage, (identity["storage"], self.storage)
+        identity = json.loads(json.dumps(identity))  # compared as stored: a tuple is a JSON list
         file = self.path / IDENTITY
         if file.exists():
             stored = read_identity(self.path)
