@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from regionspot.models.head import RegionSpotHead
-from regionspot.shards.manifest import build_manifest, write_json_atomic
-from regionspot.shards.schema import Sample, record_name, shard_name
+from regionspot.shards.identity import run_identity
+from regionspot.shards.schema import FEATURE_DTYPE, Sample
 from regionspot.shards.shardset import ShardSet
-from regionspot.shards.storage import open_writer, shard_checksum
+from regionspot.shards.writer import ShardSetWriter
 from regionspot.train.loss import region_focal_loss
 from regionspot.train.stream import TrainStream
 
@@ -42,65 +42,40 @@ SIZES = {
 
 
 def write_synthetic(path: Path, size: dict, images: int, regions: int, classes: int, shard_size: int) -> Path:
-    """A shard set of random features with the widths of `size` (what extract would write)."""
+    """A shard set of random features with the widths of `size`, written as extract writes one."""
     rng = np.random.default_rng(0)
-    path.mkdir(parents=True)
-    records = []
-    for index, start in enumerate(range(0, images, shard_size)):
-        name = shard_name(index, "wds")
-        n_img = min(shard_size, images - start)
-        with open_writer("wds", path / name) as writer:
-            for i in range(start, start + n_img):
-                writer.write(
-                    Sample(
-                        key=f"{i:07d}",
-                        image_id=i,
-                        file_name=f"{i}.jpg",
-                        width=640,
-                        height=480,
-                        boxes=np.tile(np.array([0, 0, 32, 32], np.float32), (regions, 1)),
-                        labels=rng.integers(0, classes, regions).astype(np.int32),
-                        scores=np.ones(regions, np.float32),
-                        sam_tokens=rng.normal(size=(regions, 1, 256)).astype(np.float16),
-                        sam_iou=np.ones((regions, 1), np.float16),
-                        clip_map=rng.normal(size=(size["L"], size["C"])).astype(np.float16),
-                    )
-                )
-        sha, nbytes = shard_checksum(path / name)
-        record = dict(
-            index=index,
-            name=name,
-            samples=n_img,
-            regions=n_img * regions,
-            bytes=nbytes,
-            sha256=sha,
-            skipped=[],
+
+    def sample(i: int) -> Sample:
+        return Sample(
+            key=f"{i:07d}",
+            image_id=i,
+            file_name=f"{i}.jpg",
+            width=640,
+            height=480,
+            boxes=np.tile(np.array([0, 0, 32, 32], np.float32), (regions, 1)),
+            labels=rng.integers(0, classes, regions).astype(np.int32),
+            scores=np.ones(regions, np.float32),
+            sam_tokens=rng.normal(size=(regions, 1, 256)).astype(FEATURE_DTYPE),
+            sam_iou=np.ones((regions, 1), FEATURE_DTYPE),
+            clip_map=rng.normal(size=(size["L"], size["C"])).astype(FEATURE_DTYPE),
         )
-        write_json_atomic(path / record_name(index), record)
-        records.append(record)
-    identity = {
-        "dataset": {"name": "bench", "sources": {}},
-        "proposals": {"source": "gt"},
-        "storage": "wds",
-        "backbones": {
-            "sam": {"model": "synthetic", "tokens": 1},
-            "clip": {
-                "model": "synthetic",
-                "image_size": size["S"],
-                "width": size["C"],
-                "embed_dim": size["D"],
-                "logit_scale": 100.0,
-            },
-            "fingerprint": "bench",
-        },
-        "run": {"shard_size": shard_size, "limit": None, "max_boxes": None, "masks": False},
-    }
+
+    backbones = {
+        "sam": {"model": "synthetic", "tokens": 1},
+        "clip": {"model": "synthetic", "image_size": size["S"], "width": size["C"], "embed_dim": size["D"],
+                 "logit_scale": 100.0},
+        "fingerprint": "bench",
+    }  # fmt: skip
+    path.mkdir(parents=True)
+    writer = ShardSetWriter(path, "wds")
+    writer.claim(run_identity(dataset="bench", sources={}, proposals={"source": "gt"}, backbones=backbones,
+                              shard_size=shard_size, storage="wds"))  # fmt: skip
+    starts = range(0, images, shard_size)
+    for index, start in enumerate(starts):
+        writer.write_shard(index, (sample(i) for i in range(start, min(start + shard_size, images))))
     vocab = [{"id": k + 1, "name": f"c{k}", "synonyms": [], "frequency": "f"} for k in range(classes)]
-    write_json_atomic(path / "manifest.json", build_manifest(identity, records, vocab))
-    text = rng.normal(size=(classes, size["D"])).astype(np.float32)
-    np.save(
-        path / "text_embeddings.npy", text / np.linalg.norm(text, axis=1, keepdims=True), allow_pickle=False
-    )
+    text = rng.normal(size=(classes, size["D"]))
+    writer.finish(len(starts), vocab, text / np.linalg.norm(text, axis=1, keepdims=True), templates="random")
     return path
 
 

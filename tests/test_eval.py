@@ -10,7 +10,6 @@ from regionspot.errors import RegionSpotError
 from regionspot.evaluate.baselines import crop_region
 from regionspot.evaluate.config import EvalConfig
 from regionspot.evaluate.detections import Detections
-from regionspot.evaluate.features import Wanted, mismatch
 from regionspot.evaluate.metrics import to_results
 
 # --- options -----------------------------------------------------------------------------------------
@@ -40,44 +39,6 @@ def test_output_dir_sits_beside_the_run(tmp_path):
             EvalConfig(checkpoint=ckpt).output_dir()
             == tmp_path / "runs" / "bl" / "eval" / "step-0000100-lvis_val-gt"
         )
-
-
-# --- which shard set serves an evaluation ------------------------------------------------------------
-
-MANIFEST = {
-    "dataset": {"name": "lvis_val", "sources": {"annotations": "lvis/lvis_v1_val.json", "sha256": "aaa"}},
-    "proposals": {"source": "gt"},
-    "backbones": {"fingerprint": "f" * 64},
-    "run": {"shard_size": 1000, "limit": None, "max_boxes": None, "masks": False},
-}
-WANT = Wanted("lvis_val", "aaa", None, "f" * 64, masks=False, limit=None)
-
-
-@pytest.mark.parametrize(
-    "change, phrase",
-    [
-        ({"dataset": {"name": "coco", "sources": {"sha256": "aaa"}}}, "dataset is 'coco'"),
-        ({"dataset": {"name": "lvis_val", "sources": {"sha256": "bbb"}}}, "annotation file differs"),
-        ({"proposals": {"source": "glip.json", "sha256": "ccc"}}, "not the annotated boxes"),
-        ({"backbones": {"fingerprint": "e" * 64}}, "fingerprint"),
-        ({"run": {"limit": 10, "max_boxes": None, "masks": False}}, "--limit 10"),
-        ({"run": {"limit": None, "max_boxes": 50, "masks": False}}, "--max-boxes 50"),
-    ],
-)
-def test_mismatch_names_the_field(change, phrase):
-    assert mismatch(MANIFEST, WANT) is None
-    assert phrase in mismatch({**MANIFEST, **change}, WANT)
-
-
-def test_mismatch_masks_proposals_and_limits():
-    assert "without --masks" in mismatch(
-        MANIFEST, Wanted("lvis_val", "aaa", None, None, masks=True, limit=None)
-    )
-    glip = {**MANIFEST, "proposals": {"source": "glip.json", "sha256": "ccc"}}
-    assert mismatch(glip, Wanted("lvis_val", "aaa", "ccc", None, False, None)) is None
-    assert "sha256 differs" in mismatch(glip, Wanted("lvis_val", "aaa", "ddd", None, False, None))
-    limited = {**MANIFEST, "run": {**MANIFEST["run"], "limit": 100}}
-    assert mismatch(limited, Wanted("lvis_val", "aaa", None, None, False, limit=50)) is None
 
 
 # --- the results file ----------------------------------------------------------------------------------
@@ -347,9 +308,10 @@ def test_three_tokens_per_region(toy_val, tiny_head, tmp_path):
     from regionspot.evaluate.runner import run_eval
     from regionspot.models.checkpoint import load_head, save_head
     from regionspot.models.presets import load_backbones, resolve_backbones
+    from regionspot.shards.shardset import ShardSet
 
     head, _, _ = load_head(tiny_head[0])
     save_head(head, tmp_path / "t3", load_backbones(resolve_backbones("tiny", sam_tokens=3)).fingerprint)
     res = run_eval(_cfg(toy_val, tiny_head, tmp_path, checkpoint=tmp_path / "t3", sam_tokens=3), show=False)
     assert res.shards_source == "extracted" and res.detections > 0
-    assert json.loads((res.shards / "manifest.json").read_text())["backbones"]["sam"]["tokens"] == 3
+    assert ShardSet(res.shards).manifest["backbones"]["sam"]["tokens"] == 3

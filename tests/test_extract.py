@@ -15,8 +15,11 @@ from regionspot.errors import RegionSpotError
 from regionspot.extract.config import ExtractConfig
 from regionspot.extract.loop import shard_batches
 from regionspot.extract.runner import run_extract
+from regionspot.shards.identity import IDENTITY
+from regionspot.shards.manifest import MANIFEST, is_finished
 from regionspot.shards.shardset import ShardSet
 from regionspot.shards.verify import verify_shardset
+from regionspot.shards.writer import ShardSetWriter
 
 
 def _cfg(root, out, **kw):
@@ -64,8 +67,12 @@ def test_wds_and_zarr_hold_identical_arrays(toy_root, tmp_path):
 
 def test_a_different_run_is_refused_unless_overwrite(toy_root, tmp_path):
     run_extract(_cfg(toy_root, tmp_path / "s"))
-    with pytest.raises(RegionSpotError, match="different run.*run.*--overwrite"):
+    with pytest.raises(RegionSpotError, match="different run.*run.*--overwrite") as e:
         run_extract(_cfg(toy_root, tmp_path / "s", shard_size=6))
+    assert f"run.shard_size differs: 6 here, 4 in {tmp_path / 's' / IDENTITY}" in str(e.value)
+    with pytest.raises(RegionSpotError) as e:
+        run_extract(_cfg(toy_root, tmp_path / "s", limit=5))
+    assert f"(run.limit differs: 5 here, 12 in {tmp_path / 's' / IDENTITY});" in str(e.value)
     out = run_extract(_cfg(toy_root, tmp_path / "s", shard_size=6, overwrite=True))
     assert len(ShardSet(out).shard_paths) == 2
 
@@ -108,18 +115,22 @@ def test_killed_run_resumes_to_identical_bytes(toy_root, tmp_path):
     resumed = tmp_path / "resumed"
     proc = subprocess.Popen(_extract_cmd(toy_root, resumed), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    writer = ShardSetWriter(resumed, "wds")
+
+    def done() -> int:
+        return sum(writer.is_complete(i) for i in range(20))  # 40 images, 2 per shard
+
     deadline = time.time() + 120
-    while len(list(resumed.glob("shard-*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+    while done() < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (resumed / "manifest.json").exists(), "the run finished before it could be killed"
-    done = len(list(resumed.glob("shard-*.json")))
-    assert 3 <= done < 20
+    assert not is_finished(resumed), "the run finished before it could be killed"
+    assert 3 <= done() < 20
     subprocess.run(_extract_cmd(toy_root, resumed), check=True, env=env, capture_output=True)
 
     names = sorted(p.name for p in straight.iterdir())
     assert names == sorted(p.name for p in resumed.iterdir())
     for name in names:
         assert (straight / name).read_bytes() == (resumed / name).read_bytes(), name
-    assert json.loads((straight / "manifest.json").read_text()) == json.loads((resumed / "manifest.json").read_text())
+    assert json.loads((straight / MANIFEST).read_text()) == json.loads((resumed / MANIFEST).read_text())

@@ -1,4 +1,5 @@
-"""The shard contract (DESIGN.md §4): both storages, manifest, ShardSet, loader, verify and the `shards` CLI."""
+"""The shard contract (DESIGN.md §4): both storages, the set writer, identity, manifest, ShardSet, loader,
+verify and the `shards` CLI."""
 
 from __future__ import annotations
 
@@ -16,20 +17,19 @@ from typer.testing import CliRunner
 
 from regionspot.cli import app
 from regionspot.errors import RegionSpotError
+from regionspot.shards.identity import IDENTITY, Wanted, mismatch, read_identity, run_identity
 from regionspot.shards.loader import Batch, batch_plan, collate, iter_batches, read_shard_samples
-from regionspot.shards.manifest import (
-    MANIFEST,
-    TEXT_EMBEDDINGS,
-    build_manifest,
-    read_manifest,
-    write_json_atomic,
-)
+from regionspot.shards.manifest import MANIFEST, TEXT_EMBEDDINGS, build_manifest, is_finished, read_manifest
 from regionspot.shards.schema import ARRAY_FIELDS, SAM_DIM, Sample, record_name, shard_name
-from regionspot.shards.shardset import ShardSet, check_mixable
+from regionspot.shards.shardset import ShardSet, check_mixable, find_shardsets
 from regionspot.shards.storage import iter_shard, open_writer, read_shard, shard_checksum
 from regionspot.shards.verify import shardset_info, verify_shardset
+from regionspot.shards.writer import ShardSetWriter, write_json_atomic
 
 L, C = 5, 8
+TEMPLATES = "unit templates"
+TAR, ZARR = shard_name(0, "wds"), shard_name(0, "zarr")  # shard-000000.tar, shard-000000.zarr
+TAR1 = shard_name(1, "wds")
 VOCAB = [
     {"id": 1, "name": "cat", "synonyms": ["cat"], "frequency": "f"},
     {"id": 2, "name": "dog", "synonyms": ["dog"], "frequency": "c"},
@@ -73,48 +73,30 @@ def write_shard(storage: str, path: Path, samples: list[Sample]) -> Path:
     return path
 
 
-def identity(storage: str, clip_model: str = "ViT-B-16", fingerprint: str = "f" * 64) -> dict:
-    return {
-        "dataset": {"name": "unit", "sources": {"annotations": "unit.json", "sha256": "0" * 64}},
-        "proposals": {"source": "gt"},
-        "backbones": {
-            "sam": {"model": "vit_b", "tokens": 1},
-            "clip": {
-                "model": clip_model,
-                "image_size": 224,
-                "width": C,
-                "embed_dim": 4,
-                "logit_scale": 100.0,
-            },
-            "fingerprint": fingerprint,
-        },
-        "run": {"shard_size": 4, "limit": None, "max_boxes": None, "masks": True},
-        "storage": storage,
+def identity(storage: str, clip_model: str = "ViT-B-16", fingerprint: str = "f" * 64, limit=None) -> dict:
+    backbones = {
+        "sam": {"model": "vit_b", "tokens": 1},
+        "clip": {"model": clip_model, "image_size": 224, "width": C, "embed_dim": 4, "logit_scale": 100.0},
+        "fingerprint": fingerprint,
     }
+    return run_identity(
+        dataset="unit", sources={"annotations": "unit.json", "sha256": "0" * 64}, proposals={"source": "gt"},
+        backbones=backbones, shard_size=4, limit=limit, masks=True, storage=storage,
+    )  # fmt: skip
+
+
+def text_embeddings(k: int = len(VOCAB), d: int = 4) -> np.ndarray:
+    text = np.random.default_rng(0).standard_normal((k, d)).astype(np.float32)
+    return text / np.linalg.norm(text, axis=1, keepdims=True)
 
 
 def build_set(out: Path, storage: str, shards: list[list[Sample]], **ident) -> Path:
-    """A finished shard set, written the way `regionspot extract` writes one (sink records + _finish)."""
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
+    """A finished shard set, written through the writer `regionspot extract` uses."""
+    writer = ShardSetWriter(out, storage)
+    writer.claim(identity(storage, **ident))
     for i, samples in enumerate(shards):
-        name = shard_name(i, storage)
-        write_shard(storage, out / name, samples)
-        sha, nbytes = shard_checksum(out / name)
-        record = {
-            "index": i,
-            "name": name,
-            "samples": len(samples),
-            "regions": sum(s.num_regions for s in samples),
-            "bytes": nbytes,
-            "sha256": sha,
-            "skipped": [],
-        }
-        write_json_atomic(out / record_name(i), record)
-        records.append(record)
-    text = np.random.default_rng(0).standard_normal((len(VOCAB), 4)).astype(np.float32)
-    np.save(out / TEXT_EMBEDDINGS, text / np.linalg.norm(text, axis=1, keepdims=True), allow_pickle=False)
-    write_json_atomic(out / MANIFEST, build_manifest(identity(storage, **ident), records, VOCAB))
+        writer.write_shard(i, samples)
+    assert writer.finish(len(shards), VOCAB, text_embeddings(), templates=TEMPLATES)
     return out
 
 
@@ -170,8 +152,8 @@ def test_round_trip_only_empty_images(tmp_path, storage):
 
 def test_wds_and_zarr_agree(tmp_path):
     samples = make_samples(seed=3, t=3)
-    wds = list(read_shard(write_shard("wds", tmp_path / "shard-000000.tar", samples)))
-    zarr = list(read_shard(write_shard("zarr", tmp_path / "shard-000000.zarr", samples)))
+    wds = list(read_shard(write_shard("wds", tmp_path / TAR, samples)))
+    zarr = list(read_shard(write_shard("zarr", tmp_path / ZARR, samples)))
     for a, b in zip(wds, zarr, strict=True):
         assert_same(a, b)
 
@@ -179,8 +161,8 @@ def test_wds_and_zarr_agree(tmp_path):
 def test_tar_bytes_reproducible(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = write_shard("wds", tmp_path / "a" / "shard-000000.tar", make_samples())
-    b = write_shard("wds", tmp_path / "b" / "shard-000000.tar", make_samples())
+    a = write_shard("wds", tmp_path / "a" / TAR, make_samples())
+    b = write_shard("wds", tmp_path / "b" / TAR, make_samples())
     assert a.read_bytes() == b.read_bytes()
     assert shard_checksum(a) == shard_checksum(b)
     with tarfile.open(a) as tar:
@@ -192,12 +174,12 @@ def test_tar_bytes_reproducible(tmp_path):
 def test_zarr_checksum_reproducible(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = write_shard("zarr", tmp_path / "a" / "shard-000000.zarr", make_samples(t=3))
-    b = write_shard("zarr", tmp_path / "b" / "shard-000000.zarr", make_samples(t=3))
+    a = write_shard("zarr", tmp_path / "a" / ZARR, make_samples(t=3))
+    b = write_shard("zarr", tmp_path / "b" / ZARR, make_samples(t=3))
     sha, nbytes = shard_checksum(a)
     assert (sha, nbytes) == shard_checksum(b)
     assert nbytes == sum(f.stat().st_size for f in a.rglob("*") if f.is_file())
-    c = write_shard("zarr", tmp_path / "shard-000000.zarr", make_samples(seed=9, t=3))
+    c = write_shard("zarr", tmp_path / ZARR, make_samples(seed=9, t=3))
     assert shard_checksum(c)[0] != sha
 
 
@@ -243,7 +225,7 @@ class _Payload:
 
 
 def test_wds_ignores_pickle_members(tmp_path):
-    path = write_shard("wds", tmp_path / "shard-000000.tar", make_samples(counts=(2, 1)))
+    path = write_shard("wds", tmp_path / TAR, make_samples(counts=(2, 1)))
     with tarfile.open(path, "a") as tar:
         for name, data in (
             ("0001.evil.pyd", pickle.dumps(_Payload())),
@@ -263,7 +245,7 @@ def test_wds_ignores_pickle_members(tmp_path):
 
 def test_wds_object_array_raises(tmp_path):
     sample = make_samples(counts=(2,))[0]
-    path = tmp_path / "shard-000000.tar"
+    path = tmp_path / TAR
     with tarfile.open(path, "w") as tar:
         members = {"json": json.dumps(sample.meta()).encode()}
         for name, array in sample.arrays().items():
@@ -284,7 +266,7 @@ def test_wds_object_array_raises(tmp_path):
 
 
 def test_wds_truncated_tar_raises(tmp_path):
-    path = write_shard("wds", tmp_path / "shard-000000.tar", make_samples())
+    path = write_shard("wds", tmp_path / TAR, make_samples())
     path.write_bytes(path.read_bytes()[:3000])
     with pytest.raises(RegionSpotError):
         list(read_shard(path))
@@ -297,7 +279,7 @@ def test_manifest_and_shardset(tmp_path):
     out = build_set(tmp_path / "set", "wds", [make_samples(), make_samples(seed=1, counts=(4, 2), start=5)])
     m = read_manifest(out)
     assert m["dataset"]["images"] == 7 and m["dataset"]["regions"] == 15
-    assert [s["name"] for s in m["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
+    assert [s["name"] for s in m["shards"]] == [TAR, TAR1]
     ss = ShardSet(out)
     assert (ss.num_images, ss.num_regions, ss.name, ss.logit_scale) == (7, 15, "unit", 100.0)
     assert ss.text_embeddings().shape == (3, 4) and ss.text_embeddings().dtype == np.float32
@@ -336,8 +318,8 @@ def test_wrong_version_and_format(tmp_path):
 
 def test_shardset_missing_shard(tmp_path):
     out = build_set(tmp_path / "set", "wds", [make_samples(), make_samples(start=5)])
-    (out / "shard-000001.tar").unlink()
-    with pytest.raises(RegionSpotError, match="shard-000001.tar"):
+    (out / TAR1).unlink()
+    with pytest.raises(RegionSpotError, match=TAR1):
         ShardSet(out)
 
 
@@ -500,10 +482,10 @@ def test_cli_info_and_verify(tmp_path):
     r = runner.invoke(app, ["shards", "verify", str(out)])
     assert r.exit_code == 0, r.output
     assert "ok: 2 shards, 10 images" in r.output
-    flip_byte(out / "shard-000001.tar")
+    flip_byte(out / TAR1)
     r = runner.invoke(app, ["shards", "verify", str(out)])
     assert r.exit_code == 1
-    assert "shard-000001.tar: checksum mismatch" in r.output
+    assert f"{TAR1}: checksum mismatch" in r.output
     r = runner.invoke(app, ["shards", "verify", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "no shards in" in r.output
 
@@ -534,7 +516,7 @@ def test_read_from_offset(tmp_path, storage):
 
 
 def test_wds_offset_skips_earlier_members_unread(tmp_path):
-    path = write_shard("wds", tmp_path / "shard-000000.tar", make_samples(counts=(4, 2, 3)))
+    path = write_shard("wds", tmp_path / TAR, make_samples(counts=(4, 2, 3)))
     with tarfile.open(path) as tar:
         member = tar.getmember("0000.clip_map.npy")
     data = bytearray(path.read_bytes())
@@ -549,9 +531,9 @@ def test_wds_offset_skips_earlier_members_unread(tmp_path):
 def test_wds_long_and_unicode_keys(tmp_path, key):
     rng = np.random.default_rng(4)
     samples = [make_sample(rng, key, 2, image_id=key), make_sample(rng, "b", 1, image_id="b")]
-    a = write_shard("wds", tmp_path / "shard-000000.tar", samples)
+    a = write_shard("wds", tmp_path / TAR, samples)
     (tmp_path / "again").mkdir()
-    b = write_shard("wds", tmp_path / "again" / "shard-000000.tar", samples)
+    b = write_shard("wds", tmp_path / "again" / TAR, samples)
     assert a.read_bytes() == b.read_bytes()
     for x, y in zip(samples, read_shard(a), strict=True):
         assert_same(x, y)
@@ -618,13 +600,14 @@ def test_manifest_layout(tmp_path):
 
 
 def test_build_manifest_needs_every_record():
-    rec = {"name": "shard-000000.tar", "samples": 1, "regions": 1, "bytes": 1, "sha256": "0", "skipped": []}
+    rec = {"name": TAR, "samples": 1, "regions": 1, "bytes": 1, "sha256": "0", "skipped": []}
     records = [{**rec, "index": 0}, {**rec, "index": 2}]
     with pytest.raises(RegionSpotError, match=r"missing \[1\]"):
-        build_manifest(identity("wds"), records, VOCAB)
+        build_manifest(identity("wds"), records, VOCAB, templates=TEMPLATES)
     skipped = [{"key": "9", "reason": "cannot decode"}]
     m = build_manifest(identity("wds"), [{**rec, "index": 1, "skipped": skipped}, {**rec, "index": 0}], VOCAB,
-                       {"dataset_stats": {"crowd_skipped": 2}, "proposals": {"source": "glip.json"}})  # fmt: skip
+                       {"dataset_stats": {"crowd_skipped": 2}, "proposals": {"source": "glip.json"}},
+                       templates=TEMPLATES)  # fmt: skip
     assert m["dataset"]["skipped"] == skipped and m["dataset"]["stats"] == {"crowd_skipped": 2}
     assert m["proposals"] == {"source": "glip.json"} and m["dataset"]["images"] == 2
 
@@ -698,17 +681,17 @@ def test_verify_content_faults(tmp_path):
     text = np.load(out / TEXT_EMBEDDINGS)
     np.save(out / TEXT_EMBEDDINGS, text * 2)
     faults = verify_shardset(out)
-    assert "shard-000000.tar: sample 0002: labels outside [-1, 3)" in faults
-    assert "shard-000001.tar: sample 0004: key also in shard-000000.tar" in faults
-    assert "shard-000001.json: sha256 differ from the manifest" in faults
+    assert f"{TAR}: sample 0002: labels outside [-1, 3)" in faults
+    assert f"{TAR1}: sample 0004: key also in {TAR}" in faults
+    assert f"{record_name(1)}: sha256 differ from the manifest" in faults
     assert any(f.startswith(f"{TEXT_EMBEDDINGS}: rows are not L2-normalised") for f in faults)
     assert len(faults) == 4, faults
 
 
 def test_verify_token_count_against_manifest(tmp_path):
     out = build_set(tmp_path / "set", "zarr", [make_samples(t=3, counts=(1, 0))])  # manifest says tokens 1
-    assert verify_shardset(out) == ["shard-000000.zarr: sample 0000: 3 SAM tokens per region, manifest says 1",
-                                    "shard-000000.zarr: sample 0001: 3 SAM tokens per region, manifest says 1"]  # fmt: skip
+    assert verify_shardset(out) == [f"{ZARR}: sample 0000: 3 SAM tokens per region, manifest says 1",
+                                    f"{ZARR}: sample 0001: 3 SAM tokens per region, manifest says 1"]  # fmt: skip
 
 
 @pytest.mark.parametrize("storage", ["wds", "zarr"])
@@ -725,12 +708,189 @@ def test_console_script_exit_codes(tmp_path, monkeypatch, capsys):
     from regionspot.cli import main
 
     out = build_set(tmp_path / "set", "wds", [make_samples()])
-    (out / "shard-000000.tar").unlink()
+    (out / TAR).unlink()
     monkeypatch.setattr("sys.argv", ["regionspot", "shards", "verify", str(out)])
     with pytest.raises(SystemExit) as e:
         main()
-    assert e.value.code == 1 and "fault: shard-000000.tar: missing" in capsys.readouterr().out
+    assert e.value.code == 1 and f"fault: {TAR}: missing" in capsys.readouterr().out
     monkeypatch.setattr("sys.argv", ["regionspot", "shards", "info", str(tmp_path / "nope")])
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 1 and capsys.readouterr().err.startswith("error: no shards in")
+
+
+# --- the set writer: identity, claim, records, finish -----------------------------------------------
+
+
+def test_file_names():
+    """The names DESIGN.md §4 fixes; every other test takes them from these functions and constants."""
+    assert (shard_name(12, "wds"), shard_name(12, "zarr"), record_name(12)) == (
+        "shard-000012.tar", "shard-000012.zarr", "shard-000012.json",
+    )  # fmt: skip
+    assert (MANIFEST, IDENTITY, TEXT_EMBEDDINGS) == ("manifest.json", "identity.json", "text_embeddings.npy")
+
+
+def test_claim_names_each_differing_field(tmp_path):
+    out = tmp_path / "set"
+    ShardSetWriter(out, "wds").claim(identity("wds", limit=3))
+    assert read_identity(out) == identity("wds", limit=3)
+    ShardSetWriter(out, "wds").claim(identity("wds", limit=3))  # the same run: let in
+    same = identity("wds", limit=3)
+    same["backbones"]["clip"]["mean"] = (0.5, 0.25)
+    ShardSetWriter(tmp_path / "tuple", "wds").claim(same)
+    ShardSetWriter(tmp_path / "tuple", "wds").claim(same)  # a tuple reads back as a list: the same run
+    with pytest.raises(RegionSpotError) as e:
+        ShardSetWriter(out, "wds").claim(identity("wds", limit=5))
+    msg = str(e.value)
+    assert f"run.limit differs: 5 here, 3 in {out / IDENTITY}" in msg and "--overwrite" in msg
+    assert "shard_size" not in msg and "backbones" not in msg
+    with pytest.raises(RegionSpotError) as e:
+        ShardSetWriter(out, "zarr").claim(identity("zarr", clip_model="ViT-L-14", limit=3))
+    msg = str(e.value)
+    assert f"backbones.clip.model differs: ViT-L-14 here, ViT-B-16 in {out / IDENTITY}" in msg
+    assert f"storage differs: zarr here, wds in {out / IDENTITY}" in msg and "run." not in msg
+    gone = identity("wds", limit=3)
+    del gone["run"]["masks"]
+    (out / IDENTITY).write_text(json.dumps(gone))
+    with pytest.raises(RegionSpotError, match=re.escape("run.masks differs: True here, absent in")):
+        ShardSetWriter(out, "wds").claim(identity("wds", limit=3))
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_writer_records_and_finish(tmp_path, storage):
+    writer = ShardSetWriter(tmp_path / "set", storage)
+    writer.claim(identity(storage))
+    calls = []
+
+    def text():
+        calls.append(1)
+        return text_embeddings()
+
+    first = writer.write_shard(0, make_samples(), skipped=[("0009", "cannot decode")])
+    assert first == {"index": 0, "name": shard_name(0, storage), "samples": 5, "regions": 9,
+                     "bytes": shard_checksum(writer.path / first["name"])[1],
+                     "sha256": shard_checksum(writer.path / first["name"])[0],
+                     "skipped": [{"key": "0009", "reason": "cannot decode"}]}  # fmt: skip
+    assert json.loads((writer.path / record_name(0)).read_text()) == first
+    assert writer.is_complete(0) and not writer.is_complete(1)
+    assert writer.records(2) is None
+    assert not writer.finish(2, VOCAB, text, templates=TEMPLATES)  # shard 1 not done: nothing written
+    assert calls == [] and not writer.finished and not is_finished(writer.path)
+    with writer.open_shard(1) as shard:
+        for s in make_samples(seed=1, counts=(2, 1), start=5):
+            shard.write(s)
+    assert writer.records(2) == [first, shard.record]
+    assert writer.finish(2, VOCAB, text, templates=TEMPLATES) and calls == [1]
+    assert not writer.finish(2, VOCAB, text, templates=TEMPLATES) and calls == [1]  # already finished
+    ss = ShardSet(writer.path)
+    assert (ss.num_images, ss.num_regions, ss.storage) == (7, 12, storage)
+    assert ss.manifest["text_embeddings"] == {"file": TEXT_EMBEDDINGS, "templates": TEMPLATES}
+    assert ss.manifest["dataset"]["skipped"] == [{"key": "0009", "reason": "cannot decode"}]
+    np.testing.assert_array_equal(ss.text_embeddings(), text_embeddings())
+    assert verify_shardset(writer.path) == []
+    assert sorted(p.name for p in writer.path.iterdir()) == sorted(
+        [IDENTITY, MANIFEST, TEXT_EMBEDDINGS, shard_name(0, storage), shard_name(1, storage),
+         record_name(0), record_name(1)]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_open_shard_clears_stale_and_aborts_without_record(tmp_path, storage):
+    writer = ShardSetWriter(tmp_path / "set", storage)
+    writer.claim(identity(storage))
+    stale = writer.path / f".{shard_name(0, storage)}.tmp-999999"  # what a killed writer left
+    stale.mkdir() if storage == "zarr" else stale.write_bytes(b"half a shard")
+    other = writer.path / f".{shard_name(1, storage)}.tmp-999999"
+    other.write_bytes(b"another shard's")
+    with pytest.raises(RuntimeError), writer.open_shard(0) as shard:
+        assert not stale.exists() and other.exists()
+        shard.write(make_samples()[0])
+        raise RuntimeError("killed mid-shard")
+    assert not writer.is_complete(0) and shard.record is None
+    assert sorted(p.name for p in writer.path.iterdir()) == sorted([IDENTITY, other.name])
+
+
+def test_finish_needs_the_identity(tmp_path):
+    writer = ShardSetWriter(tmp_path / "set", "wds")
+    writer.path.mkdir()
+    writer.write_shard(0, make_samples())
+    with pytest.raises(RegionSpotError, match=f"{IDENTITY} is missing"):
+        writer.finish(1, VOCAB, text_embeddings(), templates=TEMPLATES)
+    with pytest.raises(RegionSpotError, match="unknown storage 'hdf5'"):
+        ShardSetWriter(tmp_path, "hdf5")
+
+
+def test_clear_removes_only_the_sets_files(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples()])
+    (out / f".{TAR1}.tmp-1").write_bytes(b"")
+    (out / f".{MANIFEST}.tmp-1").write_text("{")
+    (out / "notes.txt").write_text("mine")
+    ShardSetWriter(out, "wds").clear()
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    ShardSetWriter(tmp_path / "nope", "wds").clear()  # nothing to clear
+
+
+def test_write_json_atomic_is_strict_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "x.json"
+    write_json_atomic(path, {"a": [1, 2.5, None]})
+    assert json.loads(path.read_text()) == {"a": [1, 2.5, None]}
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(RegionSpotError, match=f"cannot write {re.escape(str(path))}"):
+            write_json_atomic(path, {"a": bad})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": [1, 2.5, None]}  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+# --- does a set fit a use: the wanted identity (moved from the evaluation tests) --------------------
+
+FIT_MANIFEST = {
+    "dataset": {"name": "lvis_val", "sources": {"annotations": "lvis/lvis_v1_val.json", "sha256": "aaa"}},
+    "proposals": {"source": "gt"},
+    "backbones": {"fingerprint": "f" * 64},
+    "run": {"shard_size": 1000, "limit": None, "max_boxes": None, "masks": False},
+}
+WANT = Wanted("lvis_val", "aaa", None, "f" * 64, masks=False, limit=None)
+
+
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        ({"dataset": {"name": "coco", "sources": {"sha256": "aaa"}}}, "dataset is 'coco'"),
+        ({"dataset": {"name": "lvis_val", "sources": {"sha256": "bbb"}}}, "annotation file differs"),
+        ({"proposals": {"source": "glip.json", "sha256": "ccc"}}, "not the annotated boxes"),
+        ({"backbones": {"fingerprint": "e" * 64}}, "fingerprint"),
+        ({"run": {"limit": 10, "max_boxes": None, "masks": False}}, "--limit 10"),
+        ({"run": {"limit": None, "max_boxes": 50, "masks": False}}, "--max-boxes 50"),
+    ],
+)
+def test_mismatch_names_the_field(change, phrase):
+    assert mismatch(FIT_MANIFEST, WANT) is None
+    assert phrase in mismatch({**FIT_MANIFEST, **change}, WANT)
+
+
+def test_mismatch_masks_proposals_and_limits():
+    assert "without --masks" in mismatch(
+        FIT_MANIFEST, Wanted("lvis_val", "aaa", None, None, masks=True, limit=None)
+    )
+    glip = {**FIT_MANIFEST, "proposals": {"source": "glip.json", "sha256": "ccc"}}
+    assert mismatch(glip, Wanted("lvis_val", "aaa", "ccc", None, False, None)) is None
+    assert "sha256 differs" in mismatch(glip, Wanted("lvis_val", "aaa", "ddd", None, False, None))
+    limited = {**FIT_MANIFEST, "run": {**FIT_MANIFEST["run"], "limit": 100}}
+    assert mismatch(limited, Wanted("lvis_val", "aaa", None, None, False, limit=50)) is None
+
+
+def test_shardset_fits_and_find(tmp_path):
+    out = build_set(tmp_path / "root" / "unit", "wds", [make_samples()])
+    nested = build_set(tmp_path / "root" / "by-backbone" / "unit-l", "wds", [make_samples()],
+                       clip_model="ViT-L-14", fingerprint="e" * 64)  # fmt: skip
+    ShardSetWriter(tmp_path / "root" / "unfinished", "wds").claim(identity("wds"))
+    assert find_shardsets(tmp_path / "root") == [nested, out]
+    assert find_shardsets(tmp_path / "nope") == []
+    want = Wanted("unit", "0" * 64, None, "f" * 64, masks=True, limit=None)
+    assert ShardSet(out).mismatch(want) is None
+    assert "fingerprint" in ShardSet(nested).mismatch(want)
+    assert ShardSet(out).mismatch(Wanted("unit", None, None, None, masks=True, limit=5)) is None
+    assert mismatch(read_identity(tmp_path / "root" / "unfinished"), want) is None
+    assert not is_finished(tmp_path / "root" / "unfinished") and is_finished(out)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from regionspot.shards.manifest import build_manifest, write_json_atomic
-from regionspot.shards.schema import Sample, record_name, shard_name
-from regionspot.shards.storage import open_writer, shard_checksum
+from regionspot.shards.identity import run_identity
+from regionspot.shards.schema import Sample
+from regionspot.shards.writer import ShardSetWriter
 
 GRID = 16  # cells of the synthetic image (a 4 x 4 patch grid); the CLIP map has 1 + GRID tokens
 C, D, K = 32, 16, 4  # CLIP map width, embedding width, classes
@@ -15,48 +15,29 @@ C, D, K = 32, 16, 4  # CLIP map width, embedding width, classes
 def write_shardset(
     path, samples, text, fingerprint="fp", shard_size=20, clip_model="synthetic", storage="wds"
 ):
-    """A shard set in the layout `regionspot extract` writes: shards, records, manifest, text embeddings."""
-    path.mkdir(parents=True)
-    records = []
-    for index, start in enumerate(range(0, len(samples), shard_size)):
-        chunk = samples[start : start + shard_size]
-        name = shard_name(index, storage)
-        with open_writer(storage, path / name) as writer:
-            for s in chunk:
-                writer.write(s)
-        sha, nbytes = shard_checksum(path / name)
-        record = {
-            "index": index,
-            "name": name,
-            "samples": len(chunk),
-            "regions": sum(s.num_regions for s in chunk),
-            "bytes": nbytes,
-            "sha256": sha,
-            "skipped": [],
-        }
-        write_json_atomic(path / record_name(index), record)
-        records.append(record)
+    """A shard set in the layout `regionspot extract` writes (through the same writer): shards, records,
+    manifest, text embeddings."""
     first = samples[0]
-    identity = {
-        "dataset": {"name": path.name, "sources": {}},
-        "proposals": {"source": "gt"},
-        "storage": storage,
-        "backbones": {
-            "sam": {"model": "synthetic", "tokens": int(first.sam_tokens.shape[1])},
-            "clip": {
-                "model": clip_model,
-                "image_size": 32,
-                "width": int(first.clip_map.shape[1]),
-                "embed_dim": int(text.shape[1]),
-                "logit_scale": 100.0,
-            },
-            "fingerprint": fingerprint,
+    backbones = {
+        "sam": {"model": "synthetic", "tokens": int(first.sam_tokens.shape[1])},
+        "clip": {
+            "model": clip_model,
+            "image_size": 32,
+            "width": int(first.clip_map.shape[1]),
+            "embed_dim": int(text.shape[1]),
+            "logit_scale": 100.0,
         },
-        "run": {"shard_size": shard_size, "limit": None, "max_boxes": None, "masks": False},
+        "fingerprint": fingerprint,
     }
+    path.mkdir(parents=True)  # a fresh directory: refuse to write over an earlier set
+    writer = ShardSetWriter(path, storage)
+    writer.claim(run_identity(dataset=path.name, sources={}, proposals={"source": "gt"}, backbones=backbones,
+                              shard_size=shard_size, storage=storage))  # fmt: skip
+    starts = range(0, len(samples), shard_size)
+    for index, start in enumerate(starts):
+        writer.write_shard(index, samples[start : start + shard_size])
     vocab = [{"id": k + 1, "name": f"c{k}", "synonyms": [], "frequency": "f"} for k in range(len(text))]
-    write_json_atomic(path / "manifest.json", build_manifest(identity, records, vocab))
-    np.save(path / "text_embeddings.npy", np.asarray(text, np.float32), allow_pickle=False)
+    writer.finish(len(starts), vocab, text, templates="synthetic")
     return path
 
 

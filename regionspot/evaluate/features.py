@@ -1,37 +1,24 @@
 """Where evaluation's cached features come from: a named shard set, one found under the shards root,
 or one extracted now and kept, so that evaluating the next checkpoint of a run costs only the head.
 
-A shard set serves an evaluation when its manifest (or, for an unfinished extraction, its
-`identity.json`) names the same dataset (name and annotation sha256), the same proposals ("gt" or
-the file's sha256), the backbones fingerprint the head was trained on, every box (no --max-boxes),
-masks when they are needed, and at least the images asked for (no --limit, or a larger one).
+Which set serves an evaluation is the shards' answer (`regionspot.shards.identity.mismatch`); this
+module holds evaluation's policy: what it wants, which fitting set it prefers, where it extracts one.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from regionspot.errors import RegionSpotError
 from regionspot.evaluate.config import EvalConfig
-
-MANIFEST, IDENTITY = "manifest.json", "identity.json"
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """What the evaluation needs of a shard set."""
-
-    dataset: str
-    dataset_sha256: str | None
-    proposals_sha256: str | None  # None: the annotated boxes
-    fingerprint: str | None  # None: any (checked later against the head)
-    masks: bool
-    limit: int | None
+from regionspot.shards.identity import Wanted, mismatch, read_identity
+from regionspot.shards.manifest import is_finished
+from regionspot.shards.shardset import ShardSet, find_shardsets
 
 
 def wanted(cfg: EvalConfig, reader, proposals, fingerprint: str | None) -> Wanted:
+    """What this evaluation needs of a shard set: the dataset and proposals it scores, the head's
+    backbones, masks for segm metrics, and at least its --limit images."""
     return Wanted(
         dataset=reader.name,
         dataset_sha256=reader.sources.get("sha256"),
@@ -42,63 +29,24 @@ def wanted(cfg: EvalConfig, reader, proposals, fingerprint: str | None) -> Wante
     )
 
 
-def mismatch(doc: dict, want: Wanted) -> str | None:
-    """Why a manifest / identity does not serve `want` (a short phrase naming the field), or None."""
-    dataset = doc.get("dataset") or {}
-    if dataset.get("name") != want.dataset:
-        return f"dataset is {dataset.get('name')!r}, not {want.dataset!r}"
-    sha = (dataset.get("sources") or {}).get("sha256")
-    if want.dataset_sha256 and sha and sha != want.dataset_sha256:
-        return "dataset annotation file differs (sha256)"
-    props = doc.get("proposals") or {}
-    if want.proposals_sha256 is None:
-        if props.get("source", "gt") != "gt":
-            return f"proposals are {props.get('source')!r}, not the annotated boxes (gt)"
-    elif props.get("sha256") != want.proposals_sha256:
-        return f"proposals are {props.get('source', 'gt')!r}, not this proposals file (sha256 differs)"
-    fp = (doc.get("backbones") or {}).get("fingerprint")
-    if want.fingerprint and fp != want.fingerprint:
-        return f"backbones fingerprint is {str(fp)[:12]}, not {want.fingerprint[:12]}"
-    run = doc.get("run") or {}
-    if run.get("max_boxes") is not None:
-        return f"extracted with --max-boxes {run['max_boxes']} (evaluation needs every box)"
-    if want.masks and not run.get("masks"):
-        return "extracted without --masks"
-    if run.get("limit") is not None and (want.limit is None or run["limit"] < want.limit):
-        return f"extracted with --limit {run['limit']}"
-    return None
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def candidates(root: Path) -> list[Path]:
-    """Shard set directories under the shards root (one or two levels down), sorted."""
-    if not root.is_dir():
-        return []
-    found = {p.parent for pattern in ("*/" + MANIFEST, "*/*/" + MANIFEST) for p in root.glob(pattern)}
-    return sorted(found)
-
-
 def find_shardset(root: Path, want: Wanted) -> Path | None:
-    """The first complete shard set under `root` that serves `want` (complete sets without a limit first)."""
-    fits = [
-        d for d in candidates(root) if (m := _read(d / MANIFEST)) is not None and mismatch(m, want) is None
-    ]
-    fits.sort(key=lambda d: ((_read(d / MANIFEST) or {}).get("run", {}).get("limit") is not None, str(d)))
-    return fits[0] if fits else None
+    """The first finished shard set under `root` that serves `want` (sets without a limit first); sets
+    that cannot be read are passed over."""
+    fits = []
+    for d in find_shardsets(root):
+        try:
+            shards = ShardSet(d)
+        except RegionSpotError:
+            continue
+        if shards.mismatch(want) is None:
+            fits.append(shards)
+    fits.sort(key=lambda s: ((s.manifest.get("run") or {}).get("limit") is not None, str(s.path)))
+    return fits[0].path if fits else None
 
 
 def check_named(path: Path, want: Wanted) -> None:
     """--shards DIR must hold a finished shard set that serves this evaluation."""
-    manifest = _read(Path(path) / MANIFEST)
-    if manifest is None:
-        raise RegionSpotError(f"no shards in {path}; run 'regionspot extract' first")
-    why = mismatch(manifest, want)
+    why = ShardSet(path).mismatch(want)
     if why:
         raise RegionSpotError(f"--shards {path} does not fit this evaluation: {why}; "
                               "drop --shards to find or extract a fitting set")  # fmt: skip
@@ -123,8 +71,8 @@ def extraction_dir(cfg: EvalConfig, want: Wanted, reader) -> Path:
     for d in options:
         if not d.exists() or not any(d.iterdir()):
             return d
-        ident = _read(d / IDENTITY)
-        if ident is not None and mismatch(ident, want) is None and not (d / MANIFEST).exists():
+        ident = read_identity(d)
+        if ident is not None and mismatch(ident, want) is None and not is_finished(d):
             return d  # an unfinished extraction of this run: resume it
     raise RegionSpotError(f"no free shard set name for {name} under {root}; pass --shards or --shards-root")
 
@@ -145,8 +93,7 @@ def extract_now(cfg: EvalConfig, want: Wanted, reader) -> Path:
         masks=want.masks, proposals=cfg.proposals_path, gpus=cfg.gpus, limit=cfg.limit,
     )  # fmt: skip
     path = run_extract(ecfg)
-    manifest = _read(Path(path) / MANIFEST) or {}
-    why = mismatch(manifest, want)
+    why = ShardSet(path).mismatch(want)
     if why:  # e.g. the head was trained on other backbones than --backbones names
         raise RegionSpotError(f"extracted {path} with --backbones {cfg.backbones}, but {why}; "
                               "pass the --backbones the checkpoint was trained with")  # fmt: skip

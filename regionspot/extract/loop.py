@@ -20,7 +20,7 @@ from regionspot.data.images import ImageDecodeError, SizeMismatch, load_record_i
 from regionspot.data.records import ImageRecord
 from regionspot.extract.partition import shard_range
 from regionspot.extract.sink import ShardSink
-from regionspot.shards.schema import ARRAY_FIELDS, Sample
+from regionspot.shards.schema import STORED_DTYPES, Sample
 
 
 @dataclass
@@ -81,19 +81,18 @@ class Timer:
 
 
 def _to_sample(record: ImageRecord, tokens, clip_map: torch.Tensor) -> Sample:
-    stored = {name: dtype for name, (dtype, _) in ARRAY_FIELDS.items()}
     return Sample(
         key=record.key,
         image_id=record.image_id,
         file_name=record.file_name,
         width=int(record.width),
         height=int(record.height),
-        boxes=record.boxes.astype(stored["boxes"]),
-        labels=record.labels.astype(stored["labels"]),
-        scores=record.scores.astype(stored["scores"]),
-        sam_tokens=tokens.tokens.float().cpu().numpy().astype(stored["sam_tokens"]),
-        sam_iou=tokens.iou.float().cpu().numpy().astype(stored["sam_iou"]),
-        clip_map=clip_map.float().cpu().numpy().astype(stored["clip_map"]),
+        boxes=record.boxes.astype(STORED_DTYPES["boxes"]),
+        labels=record.labels.astype(STORED_DTYPES["labels"]),
+        scores=record.scores.astype(STORED_DTYPES["scores"]),
+        sam_tokens=tokens.tokens.float().cpu().numpy().astype(STORED_DTYPES["sam_tokens"]),
+        sam_iou=tokens.iou.float().cpu().numpy().astype(STORED_DTYPES["sam_iou"]),
+        clip_map=clip_map.float().cpu().numpy().astype(STORED_DTYPES["clip_map"]),
         masks=tokens.masks,
     )
 

@@ -1,17 +1,15 @@
 """`run_extract`: one extraction run — plan, partition, extract this process's shards, write the manifest.
 
-How to read what it writes: `regionspot.shards.ShardSet(out)` (see DESIGN.md §4). The run's identity
-goes to `identity.json` first; every finished shard leaves `shard-NNNNNN.json`; `manifest.json` and
-`text_embeddings.npy` appear once every shard is done, written by whichever process finishes last
-(or by a re-run of the same command).
+How to read what it writes: `regionspot.shards.ShardSet(out)` (see DESIGN.md §4). Every file goes
+through `regionspot.shards.writer.ShardSetWriter`: the run's identity first, then each shard with its
+record; the text embeddings and the manifest once every shard is done, written by whichever process
+finishes last (or by a re-run of the same command).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +25,12 @@ from regionspot.extract.loop import count_regions, extract_shards
 from regionspot.extract.partition import Partition, launcher_partition, num_shards, shards_of
 from regionspot.extract.progress import ExtractProgress
 from regionspot.extract.sink import ShardSink
+from regionspot.models.clip import TEMPLATES_NAME
 from regionspot.models.presets import load_backbones, resolve_backbones
-from regionspot.shards.manifest import MANIFEST, build_manifest, write_json_atomic
-from regionspot.shards.schema import record_name, shard_name
+from regionspot.shards.identity import run_identity
+from regionspot.shards.writer import ShardSetWriter
 
 log = logging.getLogger("regionspot.extract")
-IDENTITY = "identity.json"
-TEXT_EMBEDDINGS = "text_embeddings.npy"
 
 
 @dataclass
@@ -51,6 +48,10 @@ class Plan:
     @property
     def total_shards(self) -> int:
         return num_shards(len(self.records), self.cfg.shard_size)
+
+    @property
+    def writer(self) -> ShardSetWriter:
+        return ShardSetWriter(self.out, self.cfg.storage)
 
 
 def make_plan(cfg: ExtractConfig) -> Plan:
@@ -81,42 +82,11 @@ def make_plan(cfg: ExtractConfig) -> Plan:
 def identity(plan: Plan, backbones_info: dict) -> dict:
     """What makes two runs the same run: a directory holds the shards of one identity only."""
     cfg = plan.cfg
-    return {
-        "dataset": {"name": plan.dataset["name"], "sources": plan.dataset["sources"]},
-        "proposals": {k: v for k, v in plan.proposals.items() if k != "stats"},
-        "backbones": backbones_info,
-        "run": {"shard_size": cfg.shard_size, "limit": cfg.limit, "max_boxes": cfg.max_boxes, "masks": cfg.masks},
-        "storage": cfg.storage,
-    }
-
-
-def claim(out: Path, ident: dict) -> None:
-    """Record the identity in a new directory, or check that an existing one holds the same run."""
-    path = out / IDENTITY
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != ident:
-            differs = sorted(k for k in set(stored) | set(ident) if stored.get(k) != ident.get(k))
-            raise RegionSpotError(
-                f"{out} holds shards of a different run ({', '.join(differs)} differ); "
-                "pass --overwrite to replace them, or --out to write elsewhere"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, ident)
-
-
-def clear(out: Path) -> None:
-    """--overwrite: remove what an earlier run left in `out` (only regionspot's own files)."""
-    if not out.exists():
-        return
-    for p in out.iterdir():
-        if p.name in (IDENTITY, MANIFEST, TEXT_EMBEDDINGS) or p.name.startswith(("shard-", ".shard-")):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def is_complete(out: Path, index: int, storage: str) -> bool:
-    return (out / record_name(index)).exists() and (out / shard_name(index, storage)).exists()
+    return run_identity(
+        dataset=plan.dataset["name"], sources=plan.dataset["sources"], proposals=plan.proposals,
+        backbones=backbones_info, shard_size=cfg.shard_size, limit=cfg.limit, max_boxes=cfg.max_boxes,
+        masks=cfg.masks, storage=cfg.storage,
+    )  # fmt: skip
 
 
 def run_extract(cfg: ExtractConfig) -> Path:
@@ -129,11 +99,11 @@ def run_extract(cfg: ExtractConfig) -> Path:
     partition = launcher_partition()
     if partition is not None:
         if cfg.overwrite and partition.rank == 0:
-            clear(plan.out)
+            plan.writer.clear()
         _extract_partition(plan, partition, show_progress=partition.rank == 0)
         return plan.out
     if cfg.overwrite:
-        clear(plan.out)
+        plan.writer.clear()
     gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
     world = gpus if gpus > 0 else (cfg.workers or 1)
     if world == 1:
@@ -141,7 +111,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
     else:
         torch.multiprocessing.spawn(_spawned, args=(world, cfg), nprocs=world, join=True)
         _finish(plan)
-    if not (plan.out / MANIFEST).exists():
+    if not plan.writer.finished:
         raise RegionSpotError(f"extraction into {plan.out} did not finish every shard; run the same command again")
     return plan.out
 
@@ -159,21 +129,19 @@ def _device(plan: Plan, partition: Partition) -> torch.device:
 
 
 def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) -> None:
-    cfg, out = plan.cfg, plan.out
+    cfg = plan.cfg
     device = _device(plan, partition)
     if device.type == "cpu" and partition.world > 1 and not partition.external:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // partition.world))
     backbones = load_backbones(plan.spec, device=device)
-    claim(out, identity(plan, backbones.info()))
-    todo = [i for i in shards_of(partition, plan.total_shards) if not is_complete(out, i, cfg.storage)]
-    for i in todo:  # what a killed run of this rank left half-written
-        for stale in out.glob(f".{shard_name(i, cfg.storage)}*"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    writer = plan.writer
+    writer.claim(identity(plan, backbones.info()))
+    todo = [i for i in shards_of(partition, plan.total_shards) if not writer.is_complete(i)]
     if todo:
         workers = (cfg.workers if cfg.workers is not None else 8) if device.type == "cuda" else 0
         positions = [p for i in todo for p in range(i * cfg.shard_size, min((i + 1) * cfg.shard_size, len(plan.records)))]
         progress = ExtractProgress(len(positions), count_regions([plan.records[p] for p in positions]), show_progress)
-        sink = ShardSink(out, cfg.storage)
+        sink = ShardSink(writer)
         with progress:
             try:
                 seconds = extract_shards(
@@ -189,27 +157,17 @@ def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) ->
 
 def _finish(plan: Plan, backbones=None) -> None:
     """Write text embeddings and the manifest once every shard of the run has its record."""
-    out, cfg = plan.out, plan.cfg
-    records = []
-    for i in range(plan.total_shards):
-        if not is_complete(out, i, cfg.storage):
-            return
-        records.append(json.loads((out / record_name(i)).read_text()))
-    if (out / MANIFEST).exists():
-        return
-    ident = json.loads((out / IDENTITY).read_text())
-    if not (out / TEXT_EMBEDDINGS).exists():
+
+    def text_embeddings() -> np.ndarray:  # only when not written yet: may load CLIP for it
+        nonlocal backbones
         if backbones is None:
             backbones = load_backbones(plan.spec, device=torch.device("cpu"))
         names = [c.name for c in plan.vocabulary]
-        text = np.asarray(torch.as_tensor(backbones.clip.text_embeddings(names)).float().cpu(), np.float32)
-        tmp = out / f".{TEXT_EMBEDDINGS}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, text, allow_pickle=False)
-        os.replace(tmp, out / TEXT_EMBEDDINGS)
-    manifest = build_manifest(
-        ident, records, [c.to_json() for c in plan.vocabulary],
-        {"dataset_stats": plan.dataset["stats"], "proposals": plan.proposals},
-    )
-    write_json_atomic(out / MANIFEST, manifest)
-    log.info("wrote %s", out / MANIFEST)
+        return torch.as_tensor(backbones.clip.text_embeddings(names)).float().cpu().numpy()
+
+    wrote = plan.writer.finish(
+        plan.total_shards, [c.to_json() for c in plan.vocabulary], text_embeddings, templates=TEMPLATES_NAME,
+        extra={"dataset_stats": plan.dataset["stats"], "proposals": plan.proposals},
+    )  # fmt: skip
+    if wrote:
+        log.info("finished the shard set %s", plan.out)

@@ -1,8 +1,8 @@
 """The shard sink: a background thread that writes finished samples so the accelerator never waits for disk.
 
-The compute loop hands it samples in key order, one shard at a time; when a shard ends, the sink
-closes the shard (temp name -> final name), hashes it and writes `shard-NNNNNN.json`, the record
-that marks the shard complete for resume and for the manifest.
+The compute loop hands it samples in key order, one shard at a time; the sink thread passes them to
+the shard set writer's open shard, and when a shard ends closes it (temporary name -> final name,
+hash, record: what marks the shard complete for resume and for the manifest).
 """
 
 from __future__ import annotations
@@ -10,16 +10,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from pathlib import Path
 
-from regionspot.shards.manifest import write_json_atomic
-from regionspot.shards.schema import Sample, record_name, shard_name
-from regionspot.shards.storage import open_writer, shard_checksum
+from regionspot.shards.schema import Sample
+from regionspot.shards.writer import ShardSetWriter
 
 
 class ShardSink:
-    def __init__(self, out: Path, storage: str, max_pending: int = 64):
-        self.out, self.storage = Path(out), storage
+    def __init__(self, shards: ShardSetWriter, max_pending: int = 64):
+        self.shards = shards
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self.busy_seconds = 0.0
@@ -62,33 +60,25 @@ class ShardSink:
 
     # --- the sink thread ---
     def _run(self) -> None:
-        writer = None
+        shard = None
         try:
             while (item := self._queue.get()) is not None:
                 start = time.perf_counter()
                 kind = item[0]
                 if kind == "begin":
-                    index, samples, regions, skipped = item[1], 0, 0, []
-                    writer = open_writer(self.storage, self.out / shard_name(index, self.storage))
+                    shard = self.shards.open_shard(item[1])
                 elif kind == "sample":
-                    writer.write(item[1])
-                    samples, regions = samples + 1, regions + item[1].num_regions
+                    shard.write(item[1])
                 elif kind == "skip":
-                    skipped.append({"key": item[1], "reason": item[2]})
+                    shard.skip(item[1], item[2])
                 elif kind == "end":
-                    writer.close()
-                    writer = None
-                    name = shard_name(index, self.storage)
-                    sha256, nbytes = shard_checksum(self.out / name)
-                    record = {"index": index, "name": name, "samples": samples, "regions": regions,
-                              "bytes": nbytes, "sha256": sha256, "skipped": skipped}
-                    write_json_atomic(self.out / record_name(index), record)
-                    self.records.append(record)
+                    self.records.append(shard.close())
+                    shard = None
                 self.busy_seconds += time.perf_counter() - start
         except BaseException as e:  # surfaced on the compute thread's next call
             self._error = e
-            if writer is not None:
-                writer.abort()
+            if shard is not None:
+                shard.abort()
             while True:  # unblock a producer waiting on a full queue
                 try:
                     self._queue.get_nowait()

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.schema import SAM_DIM, Sample
+from regionspot.shards.schema import FEATURE_DTYPE, SAM_DIM, STORED_DTYPES, Sample
 from regionspot.shards.shardset import ShardSet
 from regionspot.shards.storage import iter_shard, read_shard
 
+TORCH_FEATURE_DTYPE: torch.dtype = getattr(torch, FEATURE_DTYPE.name)  # the stored features, in torch
 
 @dataclass
 class Batch:
@@ -45,11 +46,11 @@ class Batch:
         )
 
     def to(self, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> Batch:
-        """Move to `device`; the float16 features (sam_tokens, sam_iou, clip_map) become `dtype` when
-        given. Boxes and scores stay float32 (pixel coordinates need the precision)."""
+        """Move to `device`; the stored-precision features (sam_tokens, sam_iou, clip_map) become `dtype`
+        when given. Boxes and scores stay float32 (pixel coordinates need the precision)."""
 
         def move(t: torch.Tensor) -> torch.Tensor:
-            if dtype is not None and t.dtype == torch.float16:
+            if dtype is not None and t.dtype == TORCH_FEATURE_DTYPE:
                 return t.to(device, dtype, non_blocking=non_blocking)
             return t.to(device, non_blocking=non_blocking)
 
@@ -90,17 +91,17 @@ def collate(samples: list[Sample]) -> Batch:
                 f"cannot batch sample {s.key!r} (T={s.sam_tokens.shape[1]}, clip map {list(s.clip_map.shape)}) "
                 f"with {samples[0].key!r} (T={t}, clip map {list(clip_shape)}): samples from other backbones"
             )
-    tokens = np.zeros((b, n, t, SAM_DIM), np.float16)  # (B, N, T, 256)
-    iou = np.zeros((b, n, t), np.float16)  # (B, N, T)
-    boxes = np.zeros((b, n, 4), np.float32)  # (B, N, 4)
-    scores = np.zeros((b, n), np.float32)
+    tokens = np.zeros((b, n, t, SAM_DIM), STORED_DTYPES["sam_tokens"])  # (B, N, T, 256)
+    iou = np.zeros((b, n, t), STORED_DTYPES["sam_iou"])  # (B, N, T)
+    boxes = np.zeros((b, n, 4), STORED_DTYPES["boxes"])  # (B, N, 4)
+    scores = np.zeros((b, n), STORED_DTYPES["scores"])
     labels = np.full((b, n), -1, np.int64)
     mask = np.zeros((b, n), bool)
     for i, s in enumerate(samples):
         k = s.num_regions
         tokens[i, :k], iou[i, :k], boxes[i, :k] = s.sam_tokens, s.sam_iou, s.boxes
         scores[i, :k], labels[i, :k], mask[i, :k] = s.scores, s.labels, True
-    clip = np.stack([s.clip_map for s in samples]) if samples else np.zeros((0, *clip_shape), np.float16)
+    clip = np.stack([s.clip_map for s in samples]) if samples else np.zeros((0, *clip_shape), FEATURE_DTYPE)
     return Batch(
         keys=[s.key for s in samples],
         image_ids=[s.image_id for s in samples],

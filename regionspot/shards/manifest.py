@@ -1,12 +1,12 @@
 """`manifest.json`: what a shard set holds, written once every shard of its run is complete.
 
-Read it with `json.load` or `ShardSet(dir).manifest`; DESIGN.md §4 shows an example.
+Read it with `json.load` or `ShardSet(dir).manifest`; DESIGN.md §4 shows an example. `ShardSetWriter.finish`
+writes it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from regionspot.errors import RegionSpotError
@@ -14,20 +14,15 @@ from regionspot.shards.schema import FORMAT, SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
 TEXT_EMBEDDINGS = "text_embeddings.npy"
-TEMPLATES = "{}. + openai-imagenet-80"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write `obj` as JSON to `path` under a temporary name and rename it into place, so readers
-    never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+def is_finished(path: Path | str) -> bool:
+    """Whether the shard set directory `path` has its manifest (its extraction finished)."""
+    return (Path(path) / MANIFEST).is_file()
 
 
 def build_manifest(
-    identity: dict, records: list[dict], vocabulary: list[dict], extra: dict | None = None
+    identity: dict, records: list[dict], vocabulary: list[dict], extra: dict | None = None, *, templates: str
 ) -> dict:
     """The manifest of a finished run (layout: DESIGN.md §4).
 
@@ -38,6 +33,7 @@ def build_manifest(
         vocabulary: `{"id", "name", "synonyms", "frequency"}` per label index.
         extra: optional "dataset_stats" (-> dataset.stats), "proposals" (replaces identity's), and
             any other top-level keys to add.
+        templates: how the text embeddings were made (the prompt templates' name).
     Raises:
         RegionSpotError when the records do not cover shards 0..n-1 exactly once.
     """
@@ -67,7 +63,7 @@ def build_manifest(
         "vocabulary": vocabulary,
         "backbones": identity["backbones"],
         "run": identity["run"],
-        "text_embeddings": {"file": TEXT_EMBEDDINGS, "templates": TEMPLATES},
+        "text_embeddings": {"file": TEXT_EMBEDDINGS, "templates": templates},
         "shards": [{k: r[k] for k in ("name", "samples", "regions", "bytes", "sha256")} for r in records],
         **extra,
     }

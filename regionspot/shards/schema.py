@@ -15,16 +15,22 @@ FORMAT = "regionspot-shards"
 SCHEMA_VERSION = 1
 SAM_DIM = 256
 
+# The backbones' outputs (SAM tokens and IoU, CLIP maps) are stored at half precision: the cache's size
+# and the trainer's read rate depend on it. Torch: `getattr(torch, FEATURE_DTYPE.name)`.
+FEATURE_DTYPE = np.dtype(np.float16)
+
 META_FIELDS = ("key", "image_id", "file_name", "width", "height")
 # name -> (stored dtype, number of dimensions)
 ARRAY_FIELDS: dict[str, tuple[np.dtype, int]] = {
     "boxes": (np.dtype(np.float32), 2),  # [N, 4] XYXY, pixels of the original image
     "labels": (np.dtype(np.int32), 1),  # [N] index into the manifest vocabulary; -1 = unknown
     "scores": (np.dtype(np.float32), 1),  # [N] proposal confidence; 1.0 for annotations
-    "sam_tokens": (np.dtype(np.float16), 3),  # [N, T, 256] position-aware tokens
-    "sam_iou": (np.dtype(np.float16), 2),  # [N, T] SAM's predicted IoU per token
-    "clip_map": (np.dtype(np.float16), 2),  # [L, C] CLIP token map, class token first
+    "sam_tokens": (FEATURE_DTYPE, 3),  # [N, T, 256] position-aware tokens
+    "sam_iou": (FEATURE_DTYPE, 2),  # [N, T] SAM's predicted IoU per token
+    "clip_map": (FEATURE_DTYPE, 2),  # [L, C] CLIP token map, class token first
 }
+STORED_DTYPES: dict[str, np.dtype] = {name: dtype for name, (dtype, _) in ARRAY_FIELDS.items()}
+TEXT_DTYPE = np.dtype(np.float32)  # text_embeddings.npy, [K, D]
 REGION_FIELDS = ("boxes", "labels", "scores", "sam_tokens", "sam_iou")
 
 

@@ -9,20 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from regionspot.errors import RegionSpotError
+from regionspot.shards.identity import Wanted, flatten, mismatch
 from regionspot.shards.manifest import MANIFEST, read_manifest
-from regionspot.shards.schema import Sample
+from regionspot.shards.schema import TEXT_DTYPE, Sample
 from regionspot.shards.storage import read_shard
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
 
 # Fields that decide what the features are, named first; weights hashes and tags/paths follow, since
 # they explain a fingerprint difference only when no model field does.
@@ -33,7 +23,7 @@ _NEVER = ("fingerprint", "imported")
 def backbone_differences(a: dict, b: dict) -> list[str]:
     """How two manifests' "backbones" sections differ, as "clip.model differs: X vs Y" phrases:
     model fields (model, tokens, image_size, width, ...) first, then weights hashes and tags."""
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten(a), flatten(b)
     keys = [k for k in sorted(set(fa) | set(fb)) if not k.endswith(_NEVER) and fa.get(k) != fb.get(k)]
     keys.sort(key=lambda k: k.endswith(_WHY_LAST))
     return [f"{k} differs: {fa.get(k)} vs {fb.get(k)}" for k in keys]
@@ -92,11 +82,15 @@ class ShardSet:
             raise RegionSpotError(
                 f"{file}: unreadable ({e}); re-run the extraction that wrote {self.path}"
             ) from e
-        if text.dtype != np.float32 or text.ndim != 2 or text.shape[0] != len(self.vocabulary):
+        if text.dtype != TEXT_DTYPE or text.ndim != 2 or text.shape[0] != len(self.vocabulary):
             raise RegionSpotError(
-                f"{file}: {text.dtype}{list(text.shape)}, expected float32 [{len(self.vocabulary)}, D]"
+                f"{file}: {text.dtype}{list(text.shape)}, expected {TEXT_DTYPE} [{len(self.vocabulary)}, D]"
             )
         return text
+
+    def mismatch(self, want: Wanted) -> str | None:
+        """Why this set does not serve `want` (a short phrase naming the field), or None when it does."""
+        return mismatch(self.manifest, want)
 
     def text_embeddings(self) -> np.ndarray:
         """float32 [K, D], L2-normalised; row k is vocabulary entry k."""
@@ -141,6 +135,14 @@ class ShardSet:
             f"{self.path} was extracted with other backbones than {against}{detail}: backbones fingerprint "
             f"{str(self.fingerprint)[:12]} vs {str(fingerprint)[:12]}; extract with the same backbones"
         )
+
+
+def find_shardsets(root: Path | str) -> list[Path]:
+    """The finished shard set directories (those with a manifest) one or two levels under `root`, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted({p.parent for pattern in (f"*/{MANIFEST}", f"*/*/{MANIFEST}") for p in root.glob(pattern)})
 
 
 def check_mixable(sets: Sequence[ShardSet]) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 
 from regionspot.errors import RegionSpotError
 from regionspot.shards.manifest import read_manifest
+from regionspot.shards.schema import TEXT_DTYPE
 from regionspot.shards.storage import SUFFIXES, read_shard, shard_checksum
 
 _ENTRY = ("name", "samples", "regions", "bytes", "sha256")
@@ -129,8 +130,8 @@ def _check_text(file: Path, vocabulary: int, manifest: dict) -> list[str]:
     except ValueError as e:
         return [f"{file.name}: unreadable ({e})"]
     embed_dim = manifest.get("backbones", {}).get("clip", {}).get("embed_dim")
-    if text.dtype != np.float32 or text.ndim != 2 or text.shape[0] != vocabulary:
-        return [f"{file.name}: {text.dtype}{list(text.shape)}, expected float32 [{vocabulary}, D]"]
+    if text.dtype != TEXT_DTYPE or text.ndim != 2 or text.shape[0] != vocabulary:
+        return [f"{file.name}: {text.dtype}{list(text.shape)}, expected {TEXT_DTYPE} [{vocabulary}, D]"]
     if embed_dim is not None and text.shape[1] != embed_dim:
         return [f"{file.name}: width {text.shape[1]}, manifest's CLIP embed_dim is {embed_dim}"]
     norms = np.linalg.norm(text, axis=1)

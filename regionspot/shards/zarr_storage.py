@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.schema import ARRAY_FIELDS, REGION_FIELDS, SAM_DIM, Sample, ShardGuard, json_default
+from regionspot.shards.schema import REGION_FIELDS, SAM_DIM, STORED_DTYPES, Sample, ShardGuard, json_default
 
 _IMAGE_ROWS = 1024  # per-image metadata rows per chunk
 _REGION_ROWS = 4096  # region rows per chunk
@@ -101,8 +101,7 @@ def write_zarr(path: Path, samples: list[Sample]) -> None:
     _array(group, "width", np.array([s.width for s in samples], np.int64), (_IMAGE_ROWS,))  # original pixels
     _array(group, "height", np.array([s.height for s in samples], np.int64), (_IMAGE_ROWS,))
     _array(group, "box_offsets", offsets, (_IMAGE_ROWS,))
-    clip_dtype = ARRAY_FIELDS["clip_map"][0]
-    clip = np.stack([s.clip_map for s in samples]) if n else np.zeros((0, L, C), clip_dtype)  # (images, L, C)
+    clip = np.stack([s.clip_map for s in samples]) if n else np.zeros((0, L, C), STORED_DTYPES["clip_map"])  # (images, L, C)
     _array(group, "clip_map", clip, (1, L, C))
     empty = {
         "boxes": (0, 4),
@@ -112,8 +111,7 @@ def write_zarr(path: Path, samples: list[Sample]) -> None:
         "sam_iou": (0, t),
     }
     for name in REGION_FIELDS:
-        dtype = ARRAY_FIELDS[name][0]
-        data = np.concatenate([getattr(s, name) for s in samples]) if n else np.zeros(empty[name], dtype)
+        data = np.concatenate([getattr(s, name) for s in samples]) if n else np.zeros(empty[name], STORED_DTYPES[name])
         _array(group, name, data, (_REGION_ROWS, *data.shape[1:]))  # (regions, ...)
 
 
