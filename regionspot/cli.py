@@ -262,8 +262,8 @@ def predict(
     Writes OUT/<stem>.json (regions in prompt order: box, label, score, top-k, SAM IoU, mask) and
     OUT/<stem>.png (masks, boxes and "label score" drawn on the image).
     """
-    from regionspot.predict_batch import run_predict
-    from regionspot.predict_inputs import PredictConfig
+    from regionspot.predict.config import PredictConfig
+    from regionspot.predict.runner import run_predict
 
     cfg = PredictConfig(
         images=list(images), vocab=vocab, vocab_file=vocab_file, boxes=boxes, boxes_file=boxes_file, points=points,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from regionspot.draw import attention_map, draw_attention, draw_regions, label_colors
 from regionspot.errors import RegionSpotError
-from regionspot.predict_inputs import expand_inputs, output_names, parse_boxes, parse_points, parse_vocab
+from regionspot.predict.draw import attention_map, draw_attention, draw_regions, label_colors
+from regionspot.predict.inputs import expand_inputs, output_names, parse_boxes, parse_points, parse_vocab
 
 
 # --- option parsing and inputs (no model) ---------------------------------------------------------
@@ -99,7 +99,7 @@ def no_models(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the options were checked")
 
-    monkeypatch.setattr("regionspot.predict.RegionPredictor.from_checkpoint", refuse)
+    monkeypatch.setattr("regionspot.predict.predictor.RegionPredictor.from_checkpoint", refuse)
 
 
 def test_cli_help_lists_the_options():
@@ -177,7 +177,7 @@ def checkpoint(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(checkpoint):
-    from regionspot.predict import RegionPredictor
+    from regionspot.predict.predictor import RegionPredictor
 
     return RegionPredictor.from_checkpoint(checkpoint, "tiny", device="cpu")
 
@@ -259,14 +259,14 @@ def test_embeddings_attention_and_errors(predictor, tiny, toy_root):
         predictor.predict(boxes=[[5000, 5000, 6000, 6000]])
     with pytest.raises(RegionSpotError, match="vocabulary is empty"):
         predictor.set_vocabulary([])
-    with pytest.raises(RegionSpotError, match="'cat' appears twice"):
+    with pytest.raises(RegionSpotError, match="'cat' given more than once"):
         predictor.set_vocabulary(["cat", "cat"])
 
 
 def test_checkpoint_of_other_backbones_is_refused(tiny, tmp_path):
     from regionspot.models.checkpoint import save_head
     from regionspot.models.head import RegionSpotHead
-    from regionspot.predict import RegionPredictor
+    from regionspot.predict.predictor import RegionPredictor
 
     save_head(RegionSpotHead(tiny.clip.width, tiny.clip.embed_dim, ff_dim=128), tmp_path / "other", "f" * 64)
     with pytest.raises(RegionSpotError, match="fingerprint") as info:
@@ -363,7 +363,7 @@ def test_official_checkpoint_is_imported_with_the_chosen_backbones(tiny, checkpo
     import torch
 
     from regionspot.models.checkpoint import load_head
-    from regionspot.predict import RegionPredictor
+    from regionspot.predict.predictor import RegionPredictor
 
     head, _, _ = load_head(checkpoint)
     state = head.to_official_state_dict()

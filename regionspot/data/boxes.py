@@ -42,3 +42,20 @@ def sanitize_boxes(boxes: np.ndarray, width, height) -> tuple[np.ndarray, np.nda
     changed = keep & (clipped != b).any(axis=1)
     counts = {"dropped_invalid": int((~keep).sum()), "clipped": int(changed.sum())}
     return clipped.astype(np.float32), keep, counts
+
+
+def best_n_in_order(scores: np.ndarray, n: int | None) -> np.ndarray:
+    """Which of N items to keep when only `n` may stay: the n highest scores.
+
+    Args:
+        scores: [N] numbers (proposal scores, box areas, ...), in file order.
+        n: how many to keep; None keeps all.
+    Returns:
+        int64 [min(n, N)] indices, sorted in file order; equal scores are ranked by file order.
+    """
+    scores = np.asarray(scores).reshape(-1)
+    if n is None or len(scores) <= n:
+        return np.arange(len(scores))
+    if n < 0:
+        raise ValueError(f"cannot keep {n} items")
+    return np.sort(np.argsort(-scores, kind="stable")[:n])

@@ -150,24 +150,15 @@ def _device(name: str) -> torch.device:
 
 
 def _load_head(cfg: EvalConfig, spec):
-    """The head, the backbones fingerprint it belongs to, and what to record about it."""
-    from regionspot.models.checkpoint import load_head, resolve_checkpoint
-
-    file = resolve_checkpoint(cfg.checkpoint)
-    backbones_fp = None
-    if file.suffix != ".safetensors":  # an official .pth: it takes the fingerprint of --backbones
-        backbones_fp = _backbones_fingerprint(spec)
-    head, fingerprint, imported = load_head(file, fingerprint_if_imported=backbones_fp)
-    if not fingerprint:  # a converted official checkpoint saved without one
-        fingerprint = _backbones_fingerprint(spec)
-    info = {"path": str(file), "fingerprint": fingerprint, "imported": bool(imported), "head": head.config()}
-    return head, fingerprint, info
-
-
-def _backbones_fingerprint(spec) -> str:
+    """The head, the backbones fingerprint it answers to, and what to record about it."""
+    from regionspot.models.checkpoint import head_fingerprint, load_head, resolve_checkpoint
     from regionspot.models.presets import load_backbones
 
-    return load_backbones(spec, device="cpu").fingerprint
+    file = resolve_checkpoint(cfg.checkpoint)
+    head, fingerprint, imported = load_head(file)
+    fingerprint = head_fingerprint(fingerprint, lambda: load_backbones(spec, device="cpu").fingerprint)
+    info = {"path": str(file), "fingerprint": fingerprint, "imported": bool(imported), "head": head.config()}
+    return head, fingerprint, info
 
 
 def _select(cfg: EvalConfig, probs: torch.Tensor, sample, dets: Detections) -> None:

@@ -1,165 +1,62 @@
-"""`regionspot predict` options, checked before any model loads: the class names, the prompts, the
-image files and where their outputs go, and --boxes-file matched to the images by file stem."""
+"""What `predict` is given, checked before any model loads: class names, prompts (parsed from the
+command line or passed as arrays), the image files and where their outputs go, and --boxes-file
+matched to the images by file stem. One set of validators serves the CLI and the Python API."""
 
 from __future__ import annotations
 
 import glob
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from regionspot.data.boxes import sanitize_boxes
 from regionspot.errors import RegionSpotError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 
 
-@dataclass
-class PredictConfig:
-    images: list[str] = field(default_factory=list)
-    """Image files, directories (searched recursively) or glob patterns."""
-    vocab: str | None = None
-    """Class names, comma-separated: "cat,dog,sofa"."""
-    vocab_file: Path | None = None
-    """A file with one class name per line (blank lines and lines starting with # ignored)."""
-    boxes: str | None = None
-    """The same boxes for every image: "x0,y0,x1,y1;x0,y0,x1,y1" (pixels)."""
-    boxes_file: Path | None = None
-    """Boxes per image: a COCO results list or the official RegionSpot dict (as `regionspot eval
-    --proposals`); an image_id names the image whose file stem is that id."""
-    points: str | None = None
-    """The same clicks for every image: "x,y;x,y" (pixels); one region per click."""
-    checkpoint: Path | None = None
-    """A checkpoint directory, a head.safetensors or an official RegionSpot .pth."""
-    backbones: str = "bl"
-    """Backbone preset the checkpoint was trained with: bb, bl, bl336 or tiny."""
-    sam: str | None = None
-    sam_checkpoint: str | None = None
-    clip: str | None = None
-    clip_pretrained: str | None = None
-    clip_size: int | None = None
-    sam_tokens: int | None = None
-    masks: bool = True
-    """Compute SAM's masks: drawn in the PNG and stored (COCO RLE) in the JSON."""
-    attention: bool = False
-    embeddings: bool = False
-    topk: int = 5
-    out: Path = Path("predictions")
-    batch_size: int = 4
-    max_boxes: int | None = None
-    """--boxes-file: keep the N highest-scoring boxes of each image."""
-    device: str | None = None
+# --- vocabularies and prompts ------------------------------------------------------------------------
+def check_vocabulary(names: Sequence[str], source: str = "the vocabulary") -> list[str]:
+    """Class names, stripped; an empty vocabulary, a blank name or a name given twice is an error.
 
-    def check(self) -> PredictConfig:
-        """Collect every problem with the options and raise them together, naming the flags."""
-        problems = []
-        if not self.images:
-            problems.append("give at least one IMAGE, DIR or GLOB")
-        if (self.vocab is None) == (self.vocab_file is None):
-            problems.append('give the class names with --vocab "a,b,c" or --vocab-file FILE (one of them)')
-        prompts = [f for f, v in (("--boxes", self.boxes), ("--boxes-file", self.boxes_file), ("--points", self.points))
-                   if v is not None]  # fmt: skip
-        if len(prompts) > 1:
-            problems.append(f"{' and '.join(prompts)}: give at most one of them")
-        if self.vocab_file is not None and not Path(self.vocab_file).is_file():
-            problems.append(f"--vocab-file {self.vocab_file}: no such file")
-        if self.boxes_file is not None and not Path(self.boxes_file).is_file():
-            problems.append(f"--boxes-file {self.boxes_file}: no such file")
-        if self.checkpoint is None:
-            problems.append(
-                "--checkpoint: give a checkpoint directory, a head.safetensors or an official .pth"
-            )
-        elif not Path(self.checkpoint).exists():
-            problems.append(f"--checkpoint {self.checkpoint}: no such file or directory")
-        for flag, value in (
-            ("--topk", self.topk),
-            ("--batch-size", self.batch_size),
-            ("--max-boxes", self.max_boxes),
-        ):
-            if value is not None and value < 1:
-                problems.append(f"{flag} {value}: must be at least 1")
-        for parse in (
-            self.vocabulary,
-            self.box_prompts,
-            self.point_prompts,
-            self.torch_device,
-            self.backbone_spec,
-        ):
-            try:
-                parse()
-            except RegionSpotError as e:
-                problems.append(str(e))
-        if problems:
-            raise RegionSpotError("; ".join(problems))
-        return self
-
-    def vocabulary(self) -> list[str] | None:
-        if self.vocab is not None:
-            return parse_vocab(self.vocab, "--vocab")
-        if self.vocab_file is not None and Path(self.vocab_file).is_file():
-            lines = Path(self.vocab_file).read_text(encoding="utf-8").splitlines()
-            names = [n.strip() for n in lines if n.strip() and not n.strip().startswith("#")]
-            if not names:
-                raise RegionSpotError(
-                    f"--vocab-file {self.vocab_file} holds no class names; write one per line"
-                )
-            return parse_vocab(names, f"--vocab-file {self.vocab_file}")
-        return None
-
-    def box_prompts(self) -> np.ndarray | None:
-        return None if self.boxes is None else parse_boxes(self.boxes)
-
-    def point_prompts(self) -> np.ndarray | None:
-        return None if self.points is None else parse_points(self.points)
-
-    def backbone_spec(self):
-        """The resolved `models.presets.BackboneSpec` (validated; nothing loaded)."""
-        from regionspot.models.presets import resolve_backbones
-
-        return resolve_backbones(
-            self.backbones, sam=self.sam, sam_checkpoint=self.sam_checkpoint, clip=self.clip,
-            clip_pretrained=self.clip_pretrained, clip_size=self.clip_size, sam_tokens=self.sam_tokens,
-        )  # fmt: skip
-
-    def torch_device(self):
-        import torch
-
-        if self.device in (None, "auto"):
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise RegionSpotError(
-                f"--device {self.device!r}: not a device; use cpu, cuda or cuda:N"
-            ) from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RegionSpotError(f"--device {self.device}: no CUDA device here; use --device cpu")
-        return device
-
-    def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-
-def parse_vocab(names, flag: str = "--vocab") -> list[str]:
-    """Class names from "a,b,c" (or a list): stripped; empty, blank or duplicate names are errors."""
+    Args:
+        names: the class names, in vocabulary order.
+        source: how a message names where they came from (--vocab, --vocab-file F, the vocabulary).
+    """
     if isinstance(names, str):
-        names = names.split(",")
-    names = [n.strip() for n in names]
+        raise RegionSpotError(f"{source} {names!r} is one string; pass a list of names, e.g. ['cat', 'dog']")
+    names = [str(n).strip() for n in names]
     if not any(names):
-        raise RegionSpotError(f'{flag} is empty; give at least one class name, e.g. --vocab "cat,dog,sofa"')
+        raise RegionSpotError(f'{source} is empty; give at least one class name, e.g. --vocab "cat,dog,sofa"')
     if "" in names:
         raise RegionSpotError(
-            f'{flag}: name #{names.index("") + 1} is blank; write "a,b,c" without empty entries'
+            f'{source}: name #{names.index("") + 1} is blank; write "a,b,c" without empty entries'
         )
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise RegionSpotError(
-            f"{flag}: {', '.join(map(repr, duplicates))} given more than once; name each class once"
+            f"{source}: {', '.join(map(repr, duplicates))} given more than once; name each class once"
         )
     return names
+
+
+def parse_vocab(text: str, source: str = "--vocab") -> list[str]:
+    """Class names from "a,b,c", checked as `check_vocabulary` does."""
+    return check_vocabulary(text.split(","), source)
+
+
+def read_vocab_file(path: Path) -> list[str]:
+    """Class names from a file, one per line (blank lines and lines starting with # ignored)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    names = [n.strip() for n in lines if n.strip() and not n.strip().startswith("#")]
+    if not names:
+        raise RegionSpotError(f"--vocab-file {path} holds no class names; write one per line")
+    return check_vocabulary(names, f"--vocab-file {path}")
 
 
 def _parse_tuples(text: str, flag: str, arity: int, example: str) -> np.ndarray:
@@ -191,6 +88,56 @@ def parse_boxes(text: str) -> np.ndarray:
 def parse_points(text: str) -> np.ndarray:
     """ "x,y;..." -> float32 [N, 2] pixels."""
     return _parse_tuples(text, "--points", 2, "x,y;x,y")
+
+
+def check_image(image) -> np.ndarray:
+    """The image as uint8 [H, W, 3] RGB; anything else is an error."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
+        raise RegionSpotError(
+            f"image of shape {tuple(image.shape)} and dtype {image.dtype}: expected uint8 HxWx3 RGB "
+            "(regionspot.data.images.load_image reads files that way)"
+        )
+    return image
+
+
+def _as_rows(values, width: int, what: str) -> np.ndarray:
+    """float32 [N, width] from an array-like; one row may be given flat; anything else is an error."""
+    array = np.asarray(values, np.float32)
+    if array.size == 0:
+        return np.zeros((0, width), np.float32)
+    if array.ndim == 1 and array.shape[0] == width:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != width:
+        raise RegionSpotError(f"{what} of shape {tuple(array.shape)}: expected [N, {width}]")
+    return array
+
+
+def check_boxes(boxes, width: int, height: int) -> np.ndarray:
+    """Boxes as float32 [N, 4] XYXY pixels clipped to the image; a non-finite box, or one empty after
+    clipping, is an error."""
+    array = _as_rows(boxes, 4, "boxes (XYXY pixels)")
+    clipped, keep, _ = sanitize_boxes(array, width, height)
+    if not keep.all():
+        i = int(np.flatnonzero(~keep)[0])
+        raise RegionSpotError(
+            f"{int((~keep).sum())} box(es) empty inside the {width}x{height} image, first #{i} {array[i].tolist()}; "
+            "give x0 < x1, y0 < y1 overlapping the image"
+        )
+    return clipped
+
+
+def check_points(points, width: int, height: int) -> np.ndarray:
+    """Points as float32 [N, 2] (x, y) pixels; a point outside the image is an error."""
+    array = _as_rows(points, 2, "points ((x, y) pixels)")
+    bad = ~np.isfinite(array).all(1) | (array[:, 0] < 0) | (array[:, 0] > width)
+    bad |= (array[:, 1] < 0) | (array[:, 1] > height)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RegionSpotError(
+            f"point #{i} {array[i].tolist()} lies outside the {width}x{height} image; give (x, y) pixels inside it"
+        )
+    return array
 
 
 # --- inputs and outputs ------------------------------------------------------------------------
@@ -246,23 +193,32 @@ def _common_parent(paths: list[Path]) -> str:
     return os.path.commonpath([str(p.parent) for p in paths])
 
 
-class _StemReader:
-    """The given images as a dataset for `load_proposals`: an image answers to its file stem and,
-    when the stem is a number, to that number unpadded (`000000000139.jpg` is image 139)."""
+@dataclass(frozen=True)
+class ImageName:
+    """A name a --boxes-file may give image `index` of the inputs (what `load_proposals` matches)."""
+
+    key: str
+    index: int
+
+
+class GivenImages:
+    """The input images as the dataset a --boxes-file refers to, for `data.proposals.load_proposals`
+    (which asks a dataset for its name and the keys of its records). An image answers to its file stem
+    and, when the stem is a number, to that number unpadded (`000000000139.jpg` is image 139)."""
 
     name = "the given images (image_id = file stem)"
 
     def __init__(self, paths: list[Path]):
-        self.aliases = [_aliases(p.stem) for p in paths]
+        self.paths = paths
 
-    def records(self):
-        from types import SimpleNamespace
-
-        return [SimpleNamespace(key=k) for keys in self.aliases for k in keys]
-
-
-def _aliases(stem: str) -> tuple[str, ...]:
-    return (stem, str(int(stem))) if stem.isdigit() and str(int(stem)) != stem else (stem,)
+    def records(self) -> list[ImageName]:
+        names = []
+        for index, path in enumerate(self.paths):
+            stem = path.stem
+            names.append(ImageName(stem, index))
+            if stem.isdigit() and str(int(stem)) != stem:
+                names.append(ImageName(str(int(stem)), index))
+        return names
 
 
 class ImageBoxes:
@@ -276,24 +232,20 @@ class ImageBoxes:
         """Read either proposals format (see `data.proposals`); an id matching no given image is an error."""
         from regionspot.data.proposals import load_proposals
 
-        reader = _StemReader(paths)
-        by_key = load_proposals(path, reader).by_key  # validates format and ids, naming offenders
+        images = GivenImages(paths)
+        by_key = load_proposals(path, images).by_key  # validates format and ids, naming offenders
+        found: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in paths]
+        for name in images.records():
+            if name.key in by_key:
+                found[name.index].append(by_key[name.key])
         empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
         per_image = []
-        for keys in reader.aliases:
-            found = [by_key[k] for k in keys if k in by_key]
-            if len(found) > 1:  # "139" and "000139" both given for one image: both are its boxes
-                found = [tuple(np.concatenate(parts) for parts in zip(*found, strict=True))]
-            per_image.append(found[0] if found else empty)
+        for parts in found:
+            if len(parts) > 1:  # "139" and "000139" both given for one image: both are its boxes
+                parts = [tuple(np.concatenate(columns) for columns in zip(*parts, strict=True))]
+            per_image.append(parts[0] if parts else empty)
         return cls(per_image)
 
     def for_image(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(boxes float32 [N, 4] XYXY pixels, scores float32 [N]) of image `index` as given."""
         return self.per_image[index]
-
-
-def keep_best(scores: np.ndarray, max_boxes: int | None) -> np.ndarray:
-    """Indices of the `max_boxes` highest scores (ties: file order), in file order, as `Proposals.apply`."""
-    if max_boxes is None or len(scores) <= max_boxes:
-        return np.arange(len(scores))
-    return np.sort(np.argsort(-scores, kind="stable")[:max_boxes])

@@ -1,5 +1,5 @@
 """`regionspot predict` over files: batches of images through the predictor, per-image outputs, a
-progress bar and a summary (the options and inputs are `predict_inputs`').
+progress bar and a summary (the options are `config`'s, the inputs `inputs`').
 
 What it writes, per image (OUT/<stem>, or OUT/<relative path without suffix> when stems collide):
   <stem>.json             {"image", "width", "height", "regions": [{"box", "label", "score", "topk",
@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from regionspot.data.boxes import best_n_in_order, sanitize_boxes
 from regionspot.errors import RegionSpotError
-from regionspot.predict_inputs import ImageBoxes, PredictConfig, expand_inputs, keep_best, output_names
+from regionspot.predict.config import PredictConfig
+from regionspot.predict.inputs import ImageBoxes, expand_inputs, output_names
 
 
 def _write_json(path: Path, obj) -> None:
@@ -121,7 +123,7 @@ def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from regionspot.predict import RegionPredictor
+    from regionspot.predict.predictor import RegionPredictor
 
     plan = make_plan(cfg)
     if predictor is None:
@@ -163,8 +165,7 @@ def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) 
 
 
 def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, console) -> None:
-    from regionspot.data.boxes import sanitize_boxes
-    from regionspot.draw import draw_attention, draw_regions, label_colors, save_png
+    from regionspot.predict.draw import draw_attention, draw_regions, label_colors, save_png
 
     cfg, path = plan.cfg, plan.paths[index]
     height, width = features.size
@@ -202,7 +203,7 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
                 )
             if proposal_scores is not None:
                 proposal_scores = proposal_scores[keep]
-                best = keep_best(proposal_scores, cfg.max_boxes)
+                best = best_n_in_order(proposal_scores, cfg.max_boxes)
                 boxes, proposal_scores = boxes[best], proposal_scores[best]
         regions = predictor.predict_features(
             features, boxes=boxes if boxes is not None else None, topk=cfg.topk, masks=cfg.masks,
