@@ -89,7 +89,7 @@ def _cli(args: list[str]):
 
     from regionspot.cli import app
 
-    return CliRunner().invoke(app, ["predict", *args])
+    return CliRunner().invoke(app, ["predict", *args], env={"COLUMNS": "200"})  # error boxes on one line
 
 
 @pytest.fixture
@@ -121,8 +121,6 @@ def test_cli_help_lists_the_options():
             ["--vocab", "cat", "--boxes", "1,2,3,4", "--points", "1,2"],
             "--boxes and --points: give at most one",
         ),
-        (["--vocab", "cat", "--topk", "0"], "--topk 0: must be at least 1"),
-        (["--vocab", "cat", "--backbones", "huge"], "huge"),
     ],
 )
 def test_cli_option_errors(tmp_path, no_models, args, fragment):
@@ -135,6 +133,33 @@ def test_cli_option_errors(tmp_path, no_models, args, fragment):
     message = str(result.exception)
     assert fragment in message and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, typer_says, value, config_says",
+    [
+        (["--topk", "0"], "'--topk': Input should be greater than or equal to 1", {"topk": 0},
+         "--topk 0: must be at least 1"),
+        (["--backbones", "huge"], "'huge' is not one of 'bb', 'bl', 'bl336', 'tiny'", {"backbones": "huge"},
+         "--backbones 'huge'"),
+    ],
+)  # fmt: skip
+def test_range_and_choice_errors_exit_2_and_read_the_same_in_python(
+    tmp_path, no_models, args, typer_says, value, config_says
+):
+    """typer refuses what the config declares (exit code 2, nothing run); PredictConfig built in Python
+    refuses the same value with a one-line message naming the flag."""
+    from regionspot.predict.config import PredictConfig
+
+    image = _write_image(tmp_path / "a.png")
+    ckpt = tmp_path / "head.safetensors"
+    ckpt.write_bytes(b"")
+    result = _cli([str(image), "--vocab", "cat", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2 and typer_says in result.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(RegionSpotError) as info:
+        PredictConfig(images=[str(image)], vocab="cat", checkpoint=ckpt, **value).check()
+    assert config_says in str(info.value) and "\n" not in str(info.value)
 
 
 def test_cli_missing_inputs_and_one_line_error(tmp_path, no_models, monkeypatch, capsys):

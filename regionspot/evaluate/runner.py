@@ -44,13 +44,10 @@ def run_eval(cfg: EvalConfig, show: bool = True) -> EvalResult:
     """
     from regionspot.data.datasets import open_dataset
     from regionspot.data.proposals import load_proposals
-    from regionspot.models.presets import resolve_backbones
     from regionspot.shards.shardset import ShardSet
 
     cfg.check()
-    spec = resolve_backbones(
-        cfg.backbones, **{k: v for k, v in cfg.backbone_overrides().items() if v is not None}
-    )
+    spec = cfg.spec()
     reader = open_dataset(cfg.dataset, cfg.data_root, check_images=cfg.method != "regionspot")
     gt_path = ground_truth_path(reader)
     proposals = load_proposals(cfg.proposals_path, reader) if cfg.proposals_path is not None else None

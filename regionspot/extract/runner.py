@@ -27,7 +27,7 @@ from regionspot.extract.loop import count_regions, extract_shards
 from regionspot.extract.partition import Partition, launcher_partition, num_shards, shards_of
 from regionspot.extract.progress import ExtractProgress
 from regionspot.extract.sink import ShardSink
-from regionspot.models.presets import load_backbones, resolve_backbones
+from regionspot.models.presets import load_backbones
 from regionspot.shards.manifest import MANIFEST, build_manifest, write_json_atomic
 from regionspot.shards.schema import record_name, shard_name
 
@@ -56,10 +56,7 @@ class Plan:
 def make_plan(cfg: ExtractConfig) -> Plan:
     """Check every option and read the annotations; no model is loaded."""
     cfg.check()
-    spec = resolve_backbones(
-        cfg.backbones, sam=cfg.sam, sam_checkpoint=cfg.sam_checkpoint, clip=cfg.clip,
-        clip_pretrained=cfg.clip_pretrained, clip_size=cfg.clip_size, sam_tokens=cfg.sam_tokens,
-    )
+    spec = cfg.spec()
     reader = open_dataset(cfg.dataset, cfg.data_root)
     records = reader.records()
     if cfg.proposals is not None:

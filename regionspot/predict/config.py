@@ -2,50 +2,51 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from regionspot.errors import RegionSpotError
+from regionspot.models.options import BackboneOptions
+from regionspot.options import check_options, option
 from regionspot.predict.inputs import parse_boxes, parse_points, parse_vocab, read_vocab_file
 
 
 @dataclass
-class PredictConfig:
-    images: list[str] = field(default_factory=list)
-    """Image files, directories (searched recursively) or glob patterns."""
-    vocab: str | None = None
-    """Class names, comma-separated: "cat,dog,sofa"."""
-    vocab_file: Path | None = None
-    """A file with one class name per line (blank lines and lines starting with # ignored)."""
-    boxes: str | None = None
-    """The same boxes for every image: "x0,y0,x1,y1;x0,y0,x1,y1" (pixels)."""
-    boxes_file: Path | None = None
-    """Boxes per image: a COCO results list or the official RegionSpot dict (as `regionspot eval
-    --proposals`); an image_id names the image whose file stem is that id."""
-    points: str | None = None
-    """The same clicks for every image: "x,y;x,y" (pixels); one region per click."""
-    checkpoint: Path | None = None
-    """A checkpoint directory, a head.safetensors or an official RegionSpot .pth."""
-    backbones: str = "bl"
-    """Backbone preset the checkpoint was trained with: bb, bl, bl336 or tiny."""
-    sam: str | None = None
-    sam_checkpoint: str | None = None
-    clip: str | None = None
-    clip_pretrained: str | None = None
-    clip_size: int | None = None
-    sam_tokens: int | None = None
-    masks: bool = True
-    """Compute SAM's masks: drawn in the PNG and stored (COCO RLE) in the JSON."""
-    attention: bool = False
-    embeddings: bool = False
-    topk: int = 5
-    out: Path = Path("predictions")
-    batch_size: int = 4
-    max_boxes: int | None = None
-    """--boxes-file: keep the N highest-scoring boxes of each image."""
-    device: str | None = None
+class PredictConfig(BackboneOptions):
+    images: list[str] = option(
+        default_factory=list, help="Image files, folders (searched recursively) or glob patterns."
+    )
+    vocab: str | None = option(None, 'Class names, comma-separated: "cat,dog,sofa".')
+    vocab_file: Path | None = option(
+        None, "A file with one class name per line (blank lines and lines starting with # ignored)."
+    )
+    boxes: str | None = option(None, 'The same boxes for every image: "x0,y0,x1,y1;x0,y0,x1,y1" (pixels).')
+    boxes_file: Path | None = option(
+        None, "Boxes per image: a COCO results list or the official RegionSpot dict (as eval --proposals); "
+        "an image_id names the image whose file stem is that id."
+    )  # fmt: skip
+    points: str | None = option(
+        None, 'The same clicks for every image: "x,y;x,y" (pixels), one region each. No boxes or points: '
+        "SAM's automatic regions."
+    )  # fmt: skip
+    checkpoint: Path | None = option(
+        None, "Checkpoint directory, head.safetensors or official RegionSpot .pth (which takes the "
+        "fingerprint of --backbones)."
+    )  # fmt: skip
+    masks: bool = option(True, "SAM's masks: drawn in the PNG and stored (COCO RLE) in the JSON.")
+    attention: bool = option(
+        False, "Also write OUT/<stem>.attention.png: each region's attention over the CLIP map."
+    )
+    embeddings: bool = option(
+        False, "Also write OUT/<stem>.embeddings.npy: float32 [N, D] region embeddings."
+    )
+    topk: int = option(5, "Labels listed per region, best first.", min=1)
+    out: Path = option(Path("predictions"), "Output folder: <stem>.json and <stem>.png per image.")
+    batch_size: int = option(4, "Images per backbone forward pass.", min=1)
+    max_boxes: int | None = option(None, "With --boxes-file: keep each image's N highest-scoring boxes.", min=1)
+    device: str = option("auto", "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.")
 
     def check(self) -> PredictConfig:
         """Collect every problem with the options and raise them together, naming the flags."""
@@ -68,20 +69,12 @@ class PredictConfig:
             )
         elif not Path(self.checkpoint).exists():
             problems.append(f"--checkpoint {self.checkpoint}: no such file or directory")
-        for flag, value in (
-            ("--topk", self.topk),
-            ("--batch-size", self.batch_size),
-            ("--max-boxes", self.max_boxes),
-        ):
-            if value is not None and value < 1:
-                problems.append(f"{flag} {value}: must be at least 1")
-        for parse in (
-            self.vocabulary,
-            self.box_prompts,
-            self.point_prompts,
-            self.torch_device,
-            self.backbone_spec,
-        ):
+        option_problems = check_options(self)
+        problems += option_problems
+        parsers = [self.vocabulary, self.box_prompts, self.point_prompts, self.torch_device]
+        if not option_problems:  # the backbones' own check would repeat a bad choice; it checks files and tags
+            parsers.append(self.spec)
+        for parse in parsers:
             try:
                 parse()
             except RegionSpotError as e:
@@ -102,15 +95,6 @@ class PredictConfig:
 
     def point_prompts(self) -> np.ndarray | None:
         return None if self.points is None else parse_points(self.points)
-
-    def backbone_spec(self):
-        """The resolved `models.presets.BackboneSpec` (validated; nothing loaded)."""
-        from regionspot.models.presets import resolve_backbones
-
-        return resolve_backbones(
-            self.backbones, sam=self.sam, sam_checkpoint=self.sam_checkpoint, clip=self.clip,
-            clip_pretrained=self.clip_pretrained, clip_size=self.clip_size, sam_tokens=self.sam_tokens,
-        )  # fmt: skip
 
     def torch_device(self):
         import torch

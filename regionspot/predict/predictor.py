@@ -143,19 +143,20 @@ class RegionPredictor:
             checkpoint: a checkpoint directory (runs/X/checkpoints/step-N or .../last), a
                 head.safetensors, or an official RegionSpot .pth (imported: it takes the chosen
                 backbones' fingerprint).
-            backbones: a preset name (bb, bl, bl336, tiny) or a `BackboneSpec`.
-            sam_checkpoint, clip_pretrained, **overrides: as `models.presets.resolve_backbones`.
+            backbones: a preset name (bb, bl, bl336, tiny), `BackboneOptions` or a resolved `BackboneSpec`.
+            sam_checkpoint, clip_pretrained, **overrides: with a preset name, the other
+                `BackboneOptions` (sam, clip, clip_size, sam_tokens).
             device: default cuda when available, else cpu.
         """
         from regionspot.models.checkpoint import head_fingerprint, load_head
-        from regionspot.models.presets import BackboneSpec, load_backbones, resolve_backbones
+        from regionspot.models.options import BackboneOptions
+        from regionspot.models.presets import load_backbones
 
-        if isinstance(backbones, BackboneSpec):
-            spec = backbones
-        else:
-            spec = resolve_backbones(
+        if isinstance(backbones, str):
+            backbones = BackboneOptions(
                 backbones, sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained, **overrides
             )
+        spec = backbones.spec() if isinstance(backbones, BackboneOptions) else backbones
         checkpoint = Path(checkpoint)
         device = torch.device(device) if device is not None else _default_device()
         # the head first: a wrong checkpoint is reported before the (slow) backbones load

@@ -128,7 +128,7 @@ def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) 
     plan = make_plan(cfg)
     if predictor is None:
         predictor = RegionPredictor.from_checkpoint(
-            cfg.checkpoint, cfg.backbone_spec(), device=cfg.torch_device()
+            cfg.checkpoint, cfg.spec(), device=cfg.torch_device()
         )
     predictor.set_vocabulary(plan.vocabulary)
     cfg.out.mkdir(parents=True, exist_ok=True)
