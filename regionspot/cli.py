@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from regionspot import __version__
+from regionspot.devices import check_device_name
 from regionspot.errors import RegionSpotError
 from regionspot.evaluate.config import EvalConfig, Evaluator, Method
 from regionspot.extract.config import ExtractConfig, Storage
@@ -105,6 +106,17 @@ def _out(config: type) -> Any:
     return opt(config, "out", "--out", "-o")
 
 
+def _device_name(value: str) -> str:
+    try:
+        return check_device_name(value)
+    except RegionSpotError:
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def _device(config: type) -> Any:
+    return opt(config, "device", metavar="<auto|cpu|cuda|cuda:N>", callback=_device_name)
+
+
 BackbonesOpt = Annotated[Preset, opt(BackboneOptions, "backbones")]
 SamOpt = Annotated[SamModel | None, opt(BackboneOptions, "sam")]
 SamCheckpointOpt = Annotated[str | None, opt(BackboneOptions, "sam_checkpoint")]
@@ -112,7 +124,6 @@ ClipOpt = Annotated[str | None, opt(BackboneOptions, "clip")]
 ClipPretrainedOpt = Annotated[str | None, opt(BackboneOptions, "clip_pretrained")]
 ClipSizeOpt = Annotated[int | None, opt(BackboneOptions, "clip_size")]
 SamTokensOpt = Annotated[SamTokens | None, opt(BackboneOptions, "sam_tokens")]
-DEVICES_METAVAR = "<auto|cpu|cuda|cuda:N>"
 
 
 # --- extract ---
@@ -184,18 +195,15 @@ def shards_verify(
 
     Prints "ok: N shards, M images" when sound; otherwise prints each fault and exits with code 1.
     """
-    from rich.console import Console
-    from rich.progress import Progress
-
+    from regionspot.progress import progress_bar
     from regionspot.shards.manifest import read_manifest
     from regionspot.shards.verify import verify_shardset
 
-    err = Console(stderr=True)
     try:
         total = len(read_manifest(directory)["shards"])
     except (RegionSpotError, KeyError, TypeError):
         total = None  # verify_shardset names the fault
-    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+    with progress_bar("verifying shards", "shard", transient=True) as bar:
         task = bar.add_task("verifying shards", total=total)
         faults = verify_shardset(directory, on_shard=lambda name: bar.advance(task))
     if faults:
@@ -298,7 +306,7 @@ def eval_(
     evaluator: Annotated[Evaluator, opt(EvalConfig, "evaluator")] = EvalConfig.evaluator,
     out: Annotated[Path | None, _out(EvalConfig)] = None,
     batch_size: Annotated[int, opt(EvalConfig, "batch_size")] = EvalConfig.batch_size,
-    device: Annotated[str, opt(EvalConfig, "device", metavar=DEVICES_METAVAR)] = EvalConfig.device,
+    device: Annotated[str, _device(EvalConfig)] = EvalConfig.device,
     workers: Annotated[int, opt(EvalConfig, "workers")] = EvalConfig.workers,
     gpus: Annotated[int | None, opt(EvalConfig, "gpus")] = None,
     limit: Annotated[int | None, opt(EvalConfig, "limit")] = None,
@@ -341,7 +349,7 @@ def predict(
     out: Annotated[Path, _out(PredictConfig)] = PredictConfig.out,
     batch_size: Annotated[int, opt(PredictConfig, "batch_size")] = PredictConfig.batch_size,
     max_boxes: Annotated[int | None, opt(PredictConfig, "max_boxes")] = None,
-    device: Annotated[str, opt(PredictConfig, "device", metavar=DEVICES_METAVAR)] = PredictConfig.device,
+    device: Annotated[str, _device(PredictConfig)] = PredictConfig.device,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:  # fmt: skip
     """Name regions of your own images: boxes, clicks or SAM's automatic regions, any vocabulary.

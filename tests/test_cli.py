@@ -79,6 +79,8 @@ def no_stage(monkeypatch):
         (["eval", "--method", "clip"], "--method"),
         (["eval", "--evaluator", "slow"], "--evaluator"),
         (["eval", "--workers", "-1"], "--workers"),
+        (["eval", "--device", "gpu"], "--device"),
+        (["predict", "a.jpg", "--device", "cuda:x"], "--device"),
         (["predict", "a.jpg", "--backbones", "huge"], "--backbones"),
         (["train", "--shards", "s", "--steps", "0"], "--steps"),
         (["quickstart", "--steps", "0"], "--steps"),

@@ -7,12 +7,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from regionspot.devices import DEVICE_HELP, check_device_name
 from regionspot.errors import RegionSpotError
 from regionspot.evaluate.metrics import EVALUATORS
 from regionspot.models.options import BackboneOptions
 from regionspot.options import check_options, option
-
-DEVICES = ("auto", "cpu", "cuda")
 
 Method = Literal["regionspot", "clip-crop", "clip-mask"]
 Evaluator = Literal[EVALUATORS]  # the choices as a type, from their one home
@@ -61,7 +60,7 @@ class EvalConfig(BackboneOptions):
         "runs/NAME/eval/STEP-DATASET-PROPOSALS beside the checkpoint)."
     )  # fmt: skip
     batch_size: int = option(16, "Images per head forward pass.", min=1)
-    device: str = option("auto", "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.")
+    device: str = option("auto", DEVICE_HELP)
     workers: int = option(0, "Processes that read shards (0: read in the main process).", min=0)
     gpus: int | None = option(
         None, "Extraction on the spot: processes, one per GPU (default: all visible; 0: the CPU).", min=0
@@ -73,8 +72,10 @@ class EvalConfig(BackboneOptions):
     def check(self) -> EvalConfig:
         """Collect every problem with the options and raise them together, naming the flags."""
         problems = check_options(self)
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            problems.append(f"--device {self.device!r}: choose one of {', '.join(DEVICES)} or cuda:N")
+        try:
+            check_device_name(self.device)
+        except RegionSpotError as e:
+            problems.append(str(e))
         if self.method == "regionspot":
             if self.checkpoint is None:
                 problems.append("--checkpoint is required for --method regionspot (a checkpoint dir, "

@@ -9,18 +9,21 @@ detections.json + metrics.json + config.yaml in the output folder, and a printed
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from regionspot.devices import resolve_device
 from regionspot.errors import RegionSpotError
 from regionspot.evaluate.config import EvalConfig
 from regionspot.evaluate.detections import Detections
 from regionspot.evaluate.features import resolve_shardset, wanted
 from regionspot.evaluate.metrics import compute_metrics, load_ground_truth, metric_names
 from regionspot.models.scoring import region_probabilities, select_detections
+from regionspot.progress import progress_bar
 
 
 @dataclass
@@ -52,7 +55,7 @@ def run_eval(cfg: EvalConfig, show: bool = True) -> EvalResult:
     gt_path = ground_truth_path(reader)
     proposals = load_proposals(cfg.proposals_path, reader) if cfg.proposals_path is not None else None
     out = cfg.output_dir()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
 
     head, backbones, info = None, None, {}
     if cfg.method == "regionspot":
@@ -136,14 +139,6 @@ def restrict_ground_truth(gt: dict, seen: set, shardset, reader, limit: int | No
             pass
     return {**gt, "images": [i for i in gt["images"] if i["id"] in ids],
             "annotations": [a for a in gt["annotations"] if a["image_id"] in ids]}  # fmt: skip
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RegionSpotError(f"--device {name}: no CUDA device here; use --device cpu")
-    return torch.device(name)
 
 
 def _load_head(cfg: EvalConfig, spec):
@@ -231,23 +226,12 @@ def _score_with_clip(cfg, shardset, reader, backbones, text, dets, device) -> se
     return seen
 
 
-class _progress:
-    """A rich progress bar over images (silent when not on a terminal)."""
-
-    def __init__(self, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            transient=True)  # fmt: skip
-        self.total = total
-
-    def __enter__(self):
-        self.bar.__enter__()
-        task = self.bar.add_task("scoring", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+@contextmanager
+def _progress(total: int):
+    """A bar over the images scored (transient); yields advance(n)."""
+    with progress_bar("scoring", "img", transient=True) as bar:
+        task = bar.add_task("scoring", total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _write_yaml(path: Path, obj: dict) -> None:

@@ -21,6 +21,7 @@ import torch
 from regionspot.data.datasets import open_dataset
 from regionspot.data.proposals import cap_boxes, load_proposals
 from regionspot.data.records import ImageRecord
+from regionspot.devices import resolve_device
 from regionspot.errors import RegionSpotError
 from regionspot.extract.config import ExtractConfig
 from regionspot.extract.loop import count_regions, extract_shards
@@ -149,10 +150,8 @@ def _spawned(rank: int, world: int, cfg: ExtractConfig) -> None:
 
 def _device(plan: Plan, partition: Partition) -> torch.device:
     gpus = torch.cuda.device_count() if plan.cfg.gpus is None else plan.cfg.gpus
-    if gpus == 0 or not torch.cuda.is_available():
-        return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", partition.rank if not partition.external else 0))
-    return torch.device("cuda", local % torch.cuda.device_count())
+    return resolve_device("cpu" if gpus == 0 else "auto", local_rank=local)
 
 
 def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from regionspot.devices import DEVICE_HELP, resolve_device
 from regionspot.errors import RegionSpotError
 from regionspot.models.options import BackboneOptions
 from regionspot.options import check_options, option
@@ -46,7 +47,7 @@ class PredictConfig(BackboneOptions):
     out: Path = option(Path("predictions"), "Output folder: <stem>.json and <stem>.png per image.")
     batch_size: int = option(4, "Images per backbone forward pass.", min=1)
     max_boxes: int | None = option(None, "With --boxes-file: keep each image's N highest-scoring boxes.", min=1)
-    device: str = option("auto", "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.")
+    device: str = option("auto", DEVICE_HELP)
 
     def check(self) -> PredictConfig:
         """Collect every problem with the options and raise them together, naming the flags."""
@@ -97,19 +98,8 @@ class PredictConfig(BackboneOptions):
         return None if self.points is None else parse_points(self.points)
 
     def torch_device(self):
-        import torch
-
-        if self.device in (None, "auto"):
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise RegionSpotError(
-                f"--device {self.device!r}: not a device; use cpu, cuda or cuda:N"
-            ) from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RegionSpotError(f"--device {self.device}: no CUDA device here; use --device cpu")
-        return device
+        """The torch.device --device names (checked: a CUDA device must be there)."""
+        return resolve_device(self.device)
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

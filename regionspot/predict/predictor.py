@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from regionspot.devices import resolve_device
 from regionspot.errors import RegionSpotError
 from regionspot.predict.inputs import check_boxes, check_image, check_points, check_vocabulary
 
@@ -102,10 +103,6 @@ def _rounded(x: torch.Tensor) -> torch.Tensor:
     return x.to(STORED_DTYPE).float()
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class RegionPredictor:
     """SAM + CLIP + a trained `RegionSpotHead`, for naming regions of single images.
 
@@ -146,7 +143,7 @@ class RegionPredictor:
             backbones: a preset name (bb, bl, bl336, tiny), `BackboneOptions` or a resolved `BackboneSpec`.
             sam_checkpoint, clip_pretrained, **overrides: with a preset name, the other
                 `BackboneOptions` (sam, clip, clip_size, sam_tokens).
-            device: default cuda when available, else cpu.
+            device: auto (default: CUDA when present, else the CPU), cpu, cuda, cuda:N or a torch.device.
         """
         from regionspot.models.checkpoint import head_fingerprint, load_head
         from regionspot.models.options import BackboneOptions
@@ -158,7 +155,7 @@ class RegionPredictor:
             )
         spec = backbones.spec() if isinstance(backbones, BackboneOptions) else backbones
         checkpoint = Path(checkpoint)
-        device = torch.device(device) if device is not None else _default_device()
+        device = resolve_device(device)
         # the head first: a wrong checkpoint is reported before the (slow) backbones load
         head, fingerprint, imported = load_head(checkpoint)
         loaded = load_backbones(spec, device=device)

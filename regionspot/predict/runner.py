@@ -121,9 +121,9 @@ def _decode(paths: list[Path]) -> list[tuple[np.ndarray | None, str | None]]:
 def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) -> Summary:
     """Name the regions of every image the options name and write the outputs under cfg.out."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from regionspot.predict.predictor import RegionPredictor
+    from regionspot.progress import progress_bar
 
     plan = make_plan(cfg)
     if predictor is None:
@@ -135,10 +135,7 @@ def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) 
     summary = Summary()
     console = Console(stderr=True)
     indexed = list(enumerate(plan.paths))
-    progress = Progress(
-        TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, disable=not show_progress,
-    )  # fmt: skip
+    progress = progress_bar("predict", "img", show=show_progress)
     with progress, ThreadPoolExecutor(max_workers=1) as pool:
         task = progress.add_task("predict", total=len(indexed))
         chunks = list(batches(indexed, cfg.batch_size))
