@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from regionspot import __version__
-from regionspot.devices import check_device_name
+from regionspot.devices import DEVICE_CHOICES, check_device_name
 from regionspot.errors import RegionSpotError
 from regionspot.evaluate.config import EvalConfig, Evaluator, Method
 from regionspot.extract.config import ExtractConfig, Storage
@@ -110,7 +110,7 @@ def _device_name(value: str) -> str:
     try:
         return check_device_name(value)
     except RegionSpotError:
-        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise typer.BadParameter(f"{value!r} is not a device; use {DEVICE_CHOICES}") from None
 
 
 def _device(config: type) -> Any:

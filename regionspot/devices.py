@@ -10,6 +10,7 @@ import re
 
 from regionspot.errors import RegionSpotError
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N."
 _NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -20,7 +21,7 @@ def check_device_name(name: str) -> str:
     Raises: RegionSpotError naming the choices.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise RegionSpotError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N")
+        raise RegionSpotError(f"--device {name!r}: not a device; use {DEVICE_CHOICES}")
     return name
 
 
