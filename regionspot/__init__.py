@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "RegionSpotHead": "regionspot.models.head",
-    "RegionPredictor": "regionspot.predict",
-    "Region": "regionspot.predict",
+    "RegionPredictor": "regionspot.predict.predictor",
+    "Region": "regionspot.predict.predictor",
     "RegionSpotError": "regionspot.errors",
     "ImageRecord": "regionspot.data.records",
     "ShardSet": "regionspot.shards.shardset",

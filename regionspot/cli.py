@@ -1,7 +1,11 @@
 """The `regionspot` command line: thin typer commands that check options and call one stage entry point.
 
-Heavy imports happen inside each command, so `regionspot --help` is instant and a stage never
-loads another stage's dependencies.
+Each option is a field of its stage's config (`ExtractConfig`, `TrainConfig`, `EvalConfig`,
+`PredictConfig`, `QuickstartConfig`; the backbone flags `models.options.BackboneOptions`, shared by
+extract, eval and predict): its name, type, default, help and lower bound are declared there once, and
+a command's parameters are that config's fields by name. Choices are `Literal` types, so typer lists
+them in --help and refuses a bad value (exit code 2) before any stage code runs. Stage code is imported
+inside each command: `regionspot --help` loads no model library.
 """
 
 from __future__ import annotations
@@ -9,62 +13,152 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
+from regionspot import __version__
+from regionspot.devices import DEVICE_CHOICES, check_device_name
 from regionspot.errors import RegionSpotError
+from regionspot.evaluate.config import EvalConfig, Evaluator, Method
+from regionspot.extract.config import ExtractConfig, Storage
+from regionspot.models.options import BackboneOptions, Preset, SamModel, SamTokens
+from regionspot.options import field_metadata
+from regionspot.predict.config import PredictConfig
+from regionspot.quickstart import QuickstartConfig
+from regionspot.train.config import TrainConfig, list_recipes
+
+
+# --- help that says what a value is ---
+class _VariadicArgument(TyperArgument):
+    """An argument taking many values, named by its metavar (IMAGE...) with no type label."""
+
+    def display_type_rich(self, ctx) -> str | None:
+        return None
+
+
+class _PlainLabels:
+    """typer labels every parameter with its Python type; where that says nothing it is left out: a flag
+    takes no value (no <bool>), a variadic argument is named by its metavar (no <list[str]>)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""  # rich help prints an option's metavar in place of its type
+            elif isinstance(param, TyperArgument) and param.nargs != 1:
+                param.__class__ = _VariadicArgument
+        return params
+
+
+class _Command(_PlainLabels, TyperCommand):
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        """`[OPTIONS] IMAGE...`: arguments by their metavar, without typer's {braces}."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                pieces.append(param.metavar or param.name.upper())
+        return pieces
+
+
+class _Group(_PlainLabels, TyperGroup):
+    pass
+
 
 app = typer.Typer(
     name="regionspot",
+    cls=_Group,
     help="Recognise any region: frozen SAM + frozen CLIP, a small trained fusion head, cached features.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-shards_app = typer.Typer(help="Inspect and check shard sets written by 'regionspot extract'.", no_args_is_help=True)
+shards_app = typer.Typer(
+    cls=_Group, help="Inspect and check shard sets written by 'regionspot extract'.", no_args_is_help=True
+)
 app.add_typer(shards_app, name="shards")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"regionspot {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _regionspot(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version,
+                                          is_eager=True)] = False,
+) -> None:  # fmt: skip
+    pass
+
+
+# --- options, from the config fields that declare them ---
+def opt(config: type, name: str, *decls: str, **extra: Any) -> Any:
+    """The typer option of field `name` of a stage config: its help and lower bound as declared there."""
+    meta = field_metadata(config, name)
+    return typer.Option(*decls, help=meta["help"], min=meta["min"], **extra)
+
+
+def _out(config: type) -> Any:
+    return opt(config, "out", "--out", "-o")
+
+
+def _device_name(value: str) -> str:
+    try:
+        return check_device_name(value)
+    except RegionSpotError:
+        raise typer.BadParameter(f"{value!r} is not a device; use {DEVICE_CHOICES}") from None
+
+
+def _device(config: type) -> Any:
+    return opt(config, "device", metavar="<auto|cpu|cuda|cuda:N>", callback=_device_name)
+
+
+BackbonesOpt = Annotated[Preset, opt(BackboneOptions, "backbones")]
+SamOpt = Annotated[SamModel | None, opt(BackboneOptions, "sam")]
+SamCheckpointOpt = Annotated[str | None, opt(BackboneOptions, "sam_checkpoint")]
+ClipOpt = Annotated[str | None, opt(BackboneOptions, "clip")]
+ClipPretrainedOpt = Annotated[str | None, opt(BackboneOptions, "clip_pretrained")]
+ClipSizeOpt = Annotated[int | None, opt(BackboneOptions, "clip_size")]
+SamTokensOpt = Annotated[SamTokens | None, opt(BackboneOptions, "sam_tokens")]
+
+
 # --- extract ---
-@app.command()
+@app.command(cls=_Command)
 def extract(
-    dataset: Annotated[str, typer.Option(help="Dataset name (o365, v3det, openimages, lvis_val, coco, toy, toy_val), "
-                                         "coco:ANN.json:IMAGES or openimages:BOXES.csv:CLASSES.csv:IMAGES.")] = "toy",
-    data_root: Annotated[Path | None, typer.Option(help="Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Shard set directory (default: shards/DATASET).")] = None,
-    backbones: Annotated[str, typer.Option(help="Backbone preset: bb, bl, bl336 or tiny.")] = "bl",
-    sam: Annotated[str | None, typer.Option(help="SAM variant: vit_b, vit_l, vit_h (overrides the preset).")] = None,
-    sam_checkpoint: Annotated[str | None, typer.Option(help="SAM weights file, e.g. sam_vit_b_01ec64.pth.")] = None,
-    clip: Annotated[str | None, typer.Option(help="open_clip model name, e.g. ViT-L-14-quickgelu.")] = None,
-    clip_pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag (openai) or a weights file.")] = None,
-    clip_size: Annotated[int | None, typer.Option(help="CLIP input size S (the image is resized to S x S).")] = None,
-    sam_tokens: Annotated[int | None, typer.Option(help="1: the single-mask token (paper); 3: the multimask tokens.")] = None,
-    masks: Annotated[bool, typer.Option(help="Also store SAM's mask per region (COCO RLE).")] = False,
-    storage: Annotated[str, typer.Option(help="Shard storage: wds (tar) or zarr.")] = "wds",
-    shard_size: Annotated[int, typer.Option(help="Images per shard: the unit of resume and distribution.")] = 1000,
-    proposals: Annotated[str | None, typer.Option(help="'gt' (annotations) or a detector's boxes: COCO results JSON or the official RegionSpot dict.")] = "gt",
-    gpus: Annotated[int | None, typer.Option(help="Processes, one per GPU (default: all visible; 0 = CPU).")] = None,
-    workers: Annotated[int | None, typer.Option(help="GPU: decoding workers per GPU (8). CPU: extraction processes (1).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
-    limit: Annotated[int | None, typer.Option(help="Extract only the first N images (by key).")] = None,
-    max_boxes: Annotated[int | None, typer.Option(help="Keep an image's N best proposals (annotations: the N largest).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace shards of a different run in --out.")] = False,
+    ctx: typer.Context,
+    dataset: Annotated[str, opt(ExtractConfig, "dataset")] = ExtractConfig.dataset,
+    data_root: Annotated[Path | None, opt(ExtractConfig, "data_root")] = None,
+    out: Annotated[Path | None, _out(ExtractConfig)] = None,
+    backbones: BackbonesOpt = BackboneOptions.backbones,
+    sam: SamOpt = None,
+    sam_checkpoint: SamCheckpointOpt = None,
+    clip: ClipOpt = None,
+    clip_pretrained: ClipPretrainedOpt = None,
+    clip_size: ClipSizeOpt = None,
+    sam_tokens: SamTokensOpt = None,
+    masks: Annotated[bool, opt(ExtractConfig, "masks")] = ExtractConfig.masks,
+    storage: Annotated[Storage, opt(ExtractConfig, "storage")] = ExtractConfig.storage,
+    shard_size: Annotated[int, opt(ExtractConfig, "shard_size")] = ExtractConfig.shard_size,
+    proposals: Annotated[str, opt(ExtractConfig, "proposals")] = "gt",
+    gpus: Annotated[int | None, opt(ExtractConfig, "gpus")] = None,
+    workers: Annotated[int | None, opt(ExtractConfig, "workers")] = None,
+    batch_size: Annotated[int, opt(ExtractConfig, "batch_size")] = ExtractConfig.batch_size,
+    limit: Annotated[int | None, opt(ExtractConfig, "limit")] = None,
+    max_boxes: Annotated[int | None, opt(ExtractConfig, "max_boxes")] = None,
+    overwrite: Annotated[bool, opt(ExtractConfig, "overwrite")] = ExtractConfig.overwrite,
 ) -> None:
     """Run frozen SAM + CLIP once over a dataset and cache their outputs in shards.
 
     Resumable: re-running the same command skips finished shards. Launched by torchrun or SLURM,
     each process extracts its rank's shards.
     """
-    from regionspot.extract.config import ExtractConfig
     from regionspot.extract.runner import run_extract
 
-    cfg = ExtractConfig(
-        dataset=dataset, data_root=data_root, out=out, backbones=backbones, sam=sam, sam_checkpoint=sam_checkpoint,
-        clip=clip, clip_pretrained=clip_pretrained, clip_size=clip_size, sam_tokens=sam_tokens, masks=masks,
-        storage=storage, shard_size=shard_size, proposals=None if proposals in (None, "gt") else Path(proposals),
-        gpus=gpus, workers=workers, batch_size=batch_size, limit=limit, max_boxes=max_boxes, overwrite=overwrite,
-    )
+    cfg = ExtractConfig(**{**ctx.params, "proposals": None if proposals == "gt" else Path(proposals)})
     path = run_extract(cfg)
     typer.echo(f"shards: {path}")
 
@@ -72,7 +166,7 @@ def extract(
 # --- end extract ---
 
 # --- shards ---
-@shards_app.command("info")
+@shards_app.command("info", cls=_Command)
 def shards_info(
     directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
 ) -> None:
@@ -93,7 +187,7 @@ def shards_info(
     Console().print(table)
 
 
-@shards_app.command("verify")
+@shards_app.command("verify", cls=_Command)
 def shards_verify(
     directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
 ) -> None:
@@ -101,18 +195,15 @@ def shards_verify(
 
     Prints "ok: N shards, M images" when sound; otherwise prints each fault and exits with code 1.
     """
-    from rich.console import Console
-    from rich.progress import Progress
-
+    from regionspot.progress import progress_bar
     from regionspot.shards.manifest import read_manifest
     from regionspot.shards.verify import verify_shardset
 
-    err = Console(stderr=True)
     try:
         total = len(read_manifest(directory)["shards"])
     except (RegionSpotError, KeyError, TypeError):
         total = None  # verify_shardset names the fault
-    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+    with progress_bar("verifying shards", "shard", transient=True) as bar:
         task = bar.add_task("verifying shards", total=total)
         faults = verify_shardset(directory, on_shard=lambda name: bar.advance(task))
     if faults:
@@ -127,34 +218,42 @@ def shards_verify(
 # --- end shards ---
 
 # --- train ---
-@app.command()
+def _typed(ctx: typer.Context) -> dict:
+    """The options typed on the command line (the others leave the recipe's values alone)."""
+    return {name: value for name, value in ctx.params.items() if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+
+
+@app.command(cls=_Command)
 def train(
-    shards: Annotated[list[Path], typer.Option(help="A shard set, or a folder of shard sets (one per dataset) to mix; repeatable.")],
-    recipe: Annotated[str | None, typer.Option(help="A recipe (bb-stage1, bb-stage2, bl-stage1, bl-stage2) or a YAML file of TrainConfig values; flags override it.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/regionspot).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps (paper: 450000).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step over all ranks (paper: 16).")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (paper: 2.5e-5).")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps (paper: 1000).")] = None,
-    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's head (stage 2 from stage 1; an official .pth works).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where its last checkpoint left it.")] = False,
-    gpus: Annotated[int | None, typer.Option(help="GPUs on this machine; more than 1 starts torchrun (DDP).")] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes per GPU, each a seeded reader (0: read in the main process).")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (and at the end).")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Write metrics.jsonl / TensorBoard every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the head's initialisation, the data stream and dropout.")] = None,
-) -> None:
+    ctx: typer.Context,
+    shards: Annotated[list[Path], opt(TrainConfig, "shards", metavar="DIR")],
+    recipe: Annotated[str | None, typer.Option(help=f"A recipe ({', '.join(list_recipes())}) or a YAML file of "
+                                               "TrainConfig values; the flags given override it.")] = None,
+    out: Annotated[Path, _out(TrainConfig)] = TrainConfig.out,
+    steps: Annotated[int, opt(TrainConfig, "steps")] = TrainConfig.steps,
+    batch_size: Annotated[int, opt(TrainConfig, "batch_size")] = TrainConfig.batch_size,
+    lr: Annotated[float, opt(TrainConfig, "lr")] = TrainConfig.lr,
+    warmup_steps: Annotated[int, opt(TrainConfig, "warmup_steps")] = TrainConfig.warmup_steps,
+    init: Annotated[Path | None, opt(TrainConfig, "init")] = None,
+    resume: Annotated[bool, opt(TrainConfig, "resume", "--resume")] = False,
+    gpus: Annotated[int | None, opt(TrainConfig, "gpus")] = None,
+    workers: Annotated[int, opt(TrainConfig, "workers")] = TrainConfig.workers,
+    save_every: Annotated[int, opt(TrainConfig, "save_every")] = TrainConfig.save_every,
+    log_every: Annotated[int, opt(TrainConfig, "log_every")] = TrainConfig.log_every,
+    seed: Annotated[int, opt(TrainConfig, "seed")] = TrainConfig.seed,
+) -> None:  # fmt: skip
     """Train the fusion head from cached features (no backbone in the loop).
 
-    Writes runs/NAME/checkpoints/step-N (head.safetensors, trainer_state.pt, config.yaml) and
-    checkpoints/last, TensorBoard events, metrics.jsonl and config.yaml.
+    The defaults shown are TrainConfig's (the paper's values); a --recipe sets its own, and the flags
+    given override both. Writes runs/NAME/checkpoints/step-N (head.safetensors, trainer_state.pt,
+    config.yaml) and checkpoints/last, TensorBoard events, metrics.jsonl and config.yaml.
     """
     from regionspot.train.config import resolve_config
     from regionspot.train.distributed import launched_by_torchrun, torchrun
 
-    cfg = resolve_config(recipe, shards=shards, out=out, steps=steps, batch_size=batch_size, lr=lr,
-                         warmup_steps=warmup_steps, init=init, resume=resume or None, gpus=gpus, workers=workers,
-                         save_every=save_every, log_every=log_every, seed=seed)
+    given = _typed(ctx)
+    given.pop("recipe", None)
+    cfg = resolve_config(recipe, **given)
     if (cfg.gpus or 0) > 1 and not launched_by_torchrun():
         raise typer.Exit(torchrun(cfg.gpus, sys.argv[1:]))
     from regionspot.train.trainer import run_train
@@ -164,11 +263,12 @@ def train(
         typer.echo(f"run: {run}  (checkpoint: {run / 'checkpoints' / 'last'})")
 
 
-@app.command("convert-official")
+@app.command("convert-official", cls=_Command)
 def convert_official(
-    checkpoint: Annotated[Path, typer.Argument(help="An official RegionSpot .pth (regionspot_bb.pth, regionspot_bl.pth).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write (holds head.safetensors).")],
-) -> None:
+    checkpoint: Annotated[Path, typer.Argument(help="An official RegionSpot .pth (regionspot_bb.pth, regionspot_bl.pth).",
+                                               metavar="CHECKPOINT", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write (holds head.safetensors).")],
+) -> None:  # fmt: skip
     """Convert a checkpoint released with the paper into a regionspot checkpoint directory.
 
     Only the head's weights are read (weights_only); it takes the backbones fingerprint of whatever
@@ -176,122 +276,110 @@ def convert_official(
     """
     from regionspot.models.checkpoint import convert_official as convert
 
-    path = convert(checkpoint, output)
+    path = convert(checkpoint, out)
     typer.echo(f"wrote {path / 'head.safetensors'}")
 
 
 # --- end train ---
 
 # --- eval ---
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_(
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint dir (runs/NAME/checkpoints/last), head.safetensors or an official .pth.")] = None,
-    proposals: Annotated[str, typer.Option(help="'gt' (annotated boxes, score 1) or a detector's boxes: COCO results JSON or the official dict.")] = "gt",
-    dataset: Annotated[str, typer.Option(help="lvis_val, coco, toy_val, ... or coco:ANN.json:IMAGES (COCO/LVIS annotations).")] = "lvis_val",
-    data_root: Annotated[Path | None, typer.Option(help="Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
-    shards: Annotated[Path | None, typer.Option(help="Shard set to read (default: find one under --shards-root, else extract one there).")] = None,
-    shards_root: Annotated[Path | None, typer.Option(help="Where shard sets are found and made (default: $REGIONSPOT_SHARDS, else shards/).")] = None,
-    backbones: Annotated[str, typer.Option(help="Backbone preset (bb, bl, bl336, tiny): for official .pth files, baselines and extraction.")] = "bl",
-    sam: Annotated[str | None, typer.Option(help="SAM variant (overrides the preset).")] = None,
-    sam_checkpoint: Annotated[str | None, typer.Option(help="SAM weights file.")] = None,
-    clip: Annotated[str | None, typer.Option(help="open_clip model name.")] = None,
-    clip_pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag or weights file.")] = None,
-    clip_size: Annotated[int | None, typer.Option(help="CLIP input size S.")] = None,
-    sam_tokens: Annotated[int | None, typer.Option(help="1: single-mask token (paper); 3: multimask tokens.")] = None,
-    method: Annotated[str, typer.Option(help="regionspot (the head), clip-crop or clip-mask (the paper's CLIP baselines).")] = "regionspot",
-    max_dets: Annotated[int, typer.Option(help="Detections kept per image, by score (LVIS: 300).")] = 300,
-    candidates: Annotated[int, typer.Option(help="(region, class) pairs kept per image by probability before scoring.")] = 900,
-    masks: Annotated[bool, typer.Option(help="Also write SAM masks as segmentations and report segm metrics.")] = False,
-    evaluator: Annotated[str, typer.Option(help="lvis (reference lvis / pycocotools APIs) or fast (vectorised, same numbers).")] = "lvis",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/NAME/eval/STEP-DATASET-PROPOSALS beside the checkpoint).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per head forward pass.")] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Shard-reading worker processes.")] = 0,
-    gpus: Annotated[int | None, typer.Option(help="Extraction on the spot: processes, one per GPU (0 = CPU).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only (the ground truth is cut to them).")] = None,
+    ctx: typer.Context,
+    checkpoint: Annotated[Path | None, opt(EvalConfig, "checkpoint")] = None,
+    proposals: Annotated[str, opt(EvalConfig, "proposals")] = EvalConfig.proposals,
+    dataset: Annotated[str, opt(EvalConfig, "dataset")] = EvalConfig.dataset,
+    data_root: Annotated[Path | None, opt(EvalConfig, "data_root")] = None,
+    shards: Annotated[Path | None, opt(EvalConfig, "shards")] = None,
+    shards_root: Annotated[Path | None, opt(EvalConfig, "shards_root")] = None,
+    backbones: BackbonesOpt = BackboneOptions.backbones,
+    sam: SamOpt = None,
+    sam_checkpoint: SamCheckpointOpt = None,
+    clip: ClipOpt = None,
+    clip_pretrained: ClipPretrainedOpt = None,
+    clip_size: ClipSizeOpt = None,
+    sam_tokens: SamTokensOpt = None,
+    method: Annotated[Method, opt(EvalConfig, "method")] = EvalConfig.method,
+    max_dets: Annotated[int, opt(EvalConfig, "max_dets")] = EvalConfig.max_dets,
+    candidates: Annotated[int, opt(EvalConfig, "candidates")] = EvalConfig.candidates,
+    masks: Annotated[bool, opt(EvalConfig, "masks")] = EvalConfig.masks,
+    evaluator: Annotated[Evaluator, opt(EvalConfig, "evaluator")] = EvalConfig.evaluator,
+    out: Annotated[Path | None, _out(EvalConfig)] = None,
+    batch_size: Annotated[int, opt(EvalConfig, "batch_size")] = EvalConfig.batch_size,
+    device: Annotated[str, _device(EvalConfig)] = EvalConfig.device,
+    workers: Annotated[int, opt(EvalConfig, "workers")] = EvalConfig.workers,
+    gpus: Annotated[int | None, opt(EvalConfig, "gpus")] = None,
+    limit: Annotated[int | None, opt(EvalConfig, "limit")] = None,
 ) -> None:
     """Evaluate a checkpoint on LVIS / COCO with GT boxes or a detector's proposals (paper Table 1).
 
     Features come from cached shards (found or extracted once), so a new checkpoint costs only the
     head. Writes detections.json, metrics.json and config.yaml to --out and prints the AP table.
     """
-    from regionspot.evaluate.config import EvalConfig
     from regionspot.evaluate.runner import run_eval
 
-    cfg = EvalConfig(
-        checkpoint=checkpoint, proposals=proposals, dataset=dataset, data_root=data_root, shards=shards,
-        shards_root=shards_root, backbones=backbones, sam=sam, sam_checkpoint=sam_checkpoint, clip=clip,
-        clip_pretrained=clip_pretrained, clip_size=clip_size, sam_tokens=sam_tokens, method=method,
-        max_dets=max_dets, candidates=candidates, masks=masks, evaluator=evaluator, out=out,
-        batch_size=batch_size, device=device, workers=workers, gpus=gpus, limit=limit,
-    )
-    run_eval(cfg)
+    run_eval(EvalConfig(**ctx.params))
 
 
 # --- end eval ---
 
 # --- predict ---
-@app.command()
+@app.command(cls=_Command)
 def predict(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.", show_default=False)],
-    vocab: Annotated[str | None, typer.Option(help='Class names, comma-separated: "cat,dog,sofa".')] = None,
-    vocab_file: Annotated[Path | None, typer.Option(help="A file with one class name per line.")] = None,
-    boxes: Annotated[str | None, typer.Option(help='Boxes for every image: "x0,y0,x1,y1;x0,y0,x1,y1" (pixels).')] = None,
-    boxes_file: Annotated[Path | None, typer.Option(help="Boxes per image: a COCO results list or the official RegionSpot dict; image_id = the file stem.")] = None,
-    points: Annotated[str | None, typer.Option(help='Clicks for every image: "x,y;x,y" (one region each). No boxes or points: SAM finds the regions.')] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory, head.safetensors or official RegionSpot .pth.")] = None,
-    backbones: Annotated[str, typer.Option(help="Backbone preset the checkpoint was trained with: bb, bl, bl336 or tiny.")] = "bl",
-    sam: Annotated[str | None, typer.Option(help="SAM variant: vit_b, vit_l, vit_h (overrides the preset).")] = None,
-    sam_checkpoint: Annotated[str | None, typer.Option(help="SAM weights file, e.g. sam_vit_b_01ec64.pth.")] = None,
-    clip: Annotated[str | None, typer.Option(help="open_clip model name (overrides the preset).")] = None,
-    clip_pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag (openai) or a weights file.")] = None,
-    clip_size: Annotated[int | None, typer.Option(help="CLIP input size S (overrides the preset).")] = None,
-    sam_tokens: Annotated[int | None, typer.Option(help="Box prompts: 1 (single-mask token, paper) or 3 (multimask), as the checkpoint was trained.")] = None,
-    masks: Annotated[bool, typer.Option(help="SAM's masks: drawn in the PNG and stored (COCO RLE) in the JSON.")] = True,
-    attention: Annotated[bool, typer.Option(help="Also write OUT/<stem>.attention.png: each region's attention over the CLIP map.")] = False,
-    embeddings: Annotated[bool, typer.Option(help="Also write OUT/<stem>.embeddings.npy: float32 [N, D] region embeddings.")] = False,
-    topk: Annotated[int, typer.Option(help="Labels listed per region, best first.")] = 5,
-    out: Annotated[Path, typer.Option(help="Output folder: <stem>.json and <stem>.png per image.")] = Path("predictions"),
-    batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass.")] = 4,
-    max_boxes: Annotated[int | None, typer.Option(help="--boxes-file: keep each image's N highest-scoring boxes.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    ctx: typer.Context,
+    images: Annotated[list[str], typer.Argument(help=field_metadata(PredictConfig, "images")["help"],
+                                                metavar="IMAGE...", show_default=False)],
+    vocab: Annotated[str | None, opt(PredictConfig, "vocab")] = None,
+    vocab_file: Annotated[Path | None, opt(PredictConfig, "vocab_file")] = None,
+    boxes: Annotated[str | None, opt(PredictConfig, "boxes")] = None,
+    boxes_file: Annotated[Path | None, opt(PredictConfig, "boxes_file")] = None,
+    points: Annotated[str | None, opt(PredictConfig, "points")] = None,
+    checkpoint: Annotated[Path | None, opt(PredictConfig, "checkpoint")] = None,
+    backbones: BackbonesOpt = BackboneOptions.backbones,
+    sam: SamOpt = None,
+    sam_checkpoint: SamCheckpointOpt = None,
+    clip: ClipOpt = None,
+    clip_pretrained: ClipPretrainedOpt = None,
+    clip_size: ClipSizeOpt = None,
+    sam_tokens: SamTokensOpt = None,
+    masks: Annotated[bool, opt(PredictConfig, "masks")] = PredictConfig.masks,
+    attention: Annotated[bool, opt(PredictConfig, "attention")] = PredictConfig.attention,
+    embeddings: Annotated[bool, opt(PredictConfig, "embeddings")] = PredictConfig.embeddings,
+    topk: Annotated[int, opt(PredictConfig, "topk")] = PredictConfig.topk,
+    out: Annotated[Path, _out(PredictConfig)] = PredictConfig.out,
+    batch_size: Annotated[int, opt(PredictConfig, "batch_size")] = PredictConfig.batch_size,
+    max_boxes: Annotated[int | None, opt(PredictConfig, "max_boxes")] = None,
+    device: Annotated[str, _device(PredictConfig)] = PredictConfig.device,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
+) -> None:  # fmt: skip
     """Name regions of your own images: boxes, clicks or SAM's automatic regions, any vocabulary.
 
     Writes OUT/<stem>.json (regions in prompt order: box, label, score, top-k, SAM IoU, mask) and
     OUT/<stem>.png (masks, boxes and "label score" drawn on the image).
     """
-    from regionspot.predict_batch import run_predict
-    from regionspot.predict_inputs import PredictConfig
+    from regionspot.predict.runner import run_predict
 
-    cfg = PredictConfig(
-        images=list(images), vocab=vocab, vocab_file=vocab_file, boxes=boxes, boxes_file=boxes_file, points=points,
-        checkpoint=checkpoint, backbones=backbones, sam=sam, sam_checkpoint=sam_checkpoint, clip=clip,
-        clip_pretrained=clip_pretrained, clip_size=clip_size, sam_tokens=sam_tokens,
-        masks=masks, attention=attention, embeddings=embeddings, topk=topk, out=out, batch_size=batch_size,
-        max_boxes=max_boxes, device=device,
-    )
-    run_predict(cfg, show_progress=progress)
+    params = {name: value for name, value in ctx.params.items() if name != "progress"}
+    run_predict(PredictConfig(**params), show_progress=progress)
 
 
 # --- end predict ---
 
 # --- quickstart ---
-@app.command()
+@app.command(cls=_Command)
 def quickstart(
-    out: Annotated[Path, typer.Option(help="Output folder: shards, runs, metrics.json, control_metrics.json.")] = Path("runs/quickstart"),
-    data_root: Annotated[Path | None, typer.Option(help="Where the toy dataset is generated (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
-    steps: Annotated[int, typer.Option(help="Training steps for the head and for the control.")] = 600,
-    train_images: Annotated[int | None, typer.Option(help="Use only the first N toy training images.")] = None,
-    val_images: Annotated[int | None, typer.Option(help="Evaluate on the first N toy_val images.")] = None,
+    ctx: typer.Context,
+    out: Annotated[Path, _out(QuickstartConfig)] = QuickstartConfig.out,
+    data_root: Annotated[Path | None, opt(QuickstartConfig, "data_root")] = None,
+    steps: Annotated[int, opt(QuickstartConfig, "steps")] = QuickstartConfig.steps,
+    train_images: Annotated[int | None, opt(QuickstartConfig, "train_images")] = None,
+    val_images: Annotated[int | None, opt(QuickstartConfig, "val_images")] = None,
 ) -> None:
     """The whole pipeline on a CPU in minutes: toy data, tiny random backbones, extract -> train -> eval,
     next to a control trained on shuffled labels. A pipeline check, not the paper's accuracy."""
-    from regionspot.quickstart import QuickstartConfig, run_quickstart
+    from regionspot.quickstart import run_quickstart
 
-    run_quickstart(QuickstartConfig(out=out, data_root=data_root, steps=steps, train_images=train_images,
-                                    val_images=val_images))
+    run_quickstart(QuickstartConfig(**ctx.params))
 
 
 # --- end quickstart ---

@@ -15,16 +15,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from regionspot.options import option
+
 
 @dataclass
 class QuickstartConfig:
-    out: Path = Path("runs/quickstart")
-    data_root: Path | None = None
-    steps: int = 600
+    out: Path = option(Path("runs/quickstart"), "Output folder: shards, runs, metrics.json, control_metrics.json.")
+    data_root: Path | None = option(
+        None, "Where the toy dataset is generated (default: $REGIONSPOT_DATASETS, else datasets/)."
+    )
+    steps: int = option(600, "Training steps for the head and for the control.", min=1)
     batch_size: int = 16
     lr: float = 5e-4
-    train_images: int | None = None  # None: the whole toy train split
-    val_images: int | None = None
+    train_images: int | None = option(None, "Use only the first N toy training images (default: all).", min=1)
+    val_images: int | None = option(None, "Evaluate on the first N toy_val images (default: all).", min=1)
     seed: int = 0
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from regionspot.draw import attention_map, draw_attention, draw_regions, label_colors
 from regionspot.errors import RegionSpotError
-from regionspot.predict_inputs import expand_inputs, output_names, parse_boxes, parse_points, parse_vocab
+from regionspot.predict.draw import attention_map, draw_attention, draw_regions, label_colors
+from regionspot.predict.inputs import expand_inputs, output_names, parse_boxes, parse_points, parse_vocab
 
 
 # --- option parsing and inputs (no model) ---------------------------------------------------------
@@ -89,7 +89,7 @@ def _cli(args: list[str]):
 
     from regionspot.cli import app
 
-    return CliRunner().invoke(app, ["predict", *args])
+    return CliRunner().invoke(app, ["predict", *args], env={"COLUMNS": "200"})  # error boxes on one line
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def no_models(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the options were checked")
 
-    monkeypatch.setattr("regionspot.predict.RegionPredictor.from_checkpoint", refuse)
+    monkeypatch.setattr("regionspot.predict.predictor.RegionPredictor.from_checkpoint", refuse)
 
 
 def test_cli_help_lists_the_options():
@@ -121,8 +121,6 @@ def test_cli_help_lists_the_options():
             ["--vocab", "cat", "--boxes", "1,2,3,4", "--points", "1,2"],
             "--boxes and --points: give at most one",
         ),
-        (["--vocab", "cat", "--topk", "0"], "--topk 0: must be at least 1"),
-        (["--vocab", "cat", "--backbones", "huge"], "huge"),
     ],
 )
 def test_cli_option_errors(tmp_path, no_models, args, fragment):
@@ -135,6 +133,33 @@ def test_cli_option_errors(tmp_path, no_models, args, fragment):
     message = str(result.exception)
     assert fragment in message and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, typer_says, value, config_says",
+    [
+        (["--topk", "0"], "'--topk': Input should be greater than or equal to 1", {"topk": 0},
+         "--topk 0: must be at least 1"),
+        (["--backbones", "huge"], "'huge' is not one of 'bb', 'bl', 'bl336', 'tiny'", {"backbones": "huge"},
+         "--backbones 'huge'"),
+    ],
+)  # fmt: skip
+def test_range_and_choice_errors_exit_2_and_read_the_same_in_python(
+    tmp_path, no_models, args, typer_says, value, config_says
+):
+    """typer refuses what the config declares (exit code 2, nothing run); PredictConfig built in Python
+    refuses the same value with a one-line message naming the flag."""
+    from regionspot.predict.config import PredictConfig
+
+    image = _write_image(tmp_path / "a.png")
+    ckpt = tmp_path / "head.safetensors"
+    ckpt.write_bytes(b"")
+    result = _cli([str(image), "--vocab", "cat", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2 and typer_says in result.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(RegionSpotError) as info:
+        PredictConfig(images=[str(image)], vocab="cat", checkpoint=ckpt, **value).check()
+    assert config_says in str(info.value) and "\n" not in str(info.value)
 
 
 def test_cli_missing_inputs_and_one_line_error(tmp_path, no_models, monkeypatch, capsys):
@@ -177,7 +202,7 @@ def checkpoint(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(checkpoint):
-    from regionspot.predict import RegionPredictor
+    from regionspot.predict.predictor import RegionPredictor
 
     return RegionPredictor.from_checkpoint(checkpoint, "tiny", device="cpu")
 
@@ -259,14 +284,14 @@ def test_embeddings_attention_and_errors(predictor, tiny, toy_root):
         predictor.predict(boxes=[[5000, 5000, 6000, 6000]])
     with pytest.raises(RegionSpotError, match="vocabulary is empty"):
         predictor.set_vocabulary([])
-    with pytest.raises(RegionSpotError, match="'cat' appears twice"):
+    with pytest.raises(RegionSpotError, match="'cat' given more than once"):
         predictor.set_vocabulary(["cat", "cat"])
 
 
 def test_checkpoint_of_other_backbones_is_refused(tiny, tmp_path):
     from regionspot.models.checkpoint import save_head
     from regionspot.models.head import RegionSpotHead
-    from regionspot.predict import RegionPredictor
+    from regionspot.predict.predictor import RegionPredictor
 
     save_head(RegionSpotHead(tiny.clip.width, tiny.clip.embed_dim, ff_dim=128), tmp_path / "other", "f" * 64)
     with pytest.raises(RegionSpotError, match="fingerprint") as info:
@@ -363,7 +388,7 @@ def test_official_checkpoint_is_imported_with_the_chosen_backbones(tiny, checkpo
     import torch
 
     from regionspot.models.checkpoint import load_head
-    from regionspot.predict import RegionPredictor
+    from regionspot.predict.predictor import RegionPredictor
 
     head, _, _ = load_head(checkpoint)
     state = head.to_official_state_dict()

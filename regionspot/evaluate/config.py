@@ -5,81 +5,77 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
+from regionspot.devices import DEVICE_HELP, check_device_name
 from regionspot.errors import RegionSpotError
+from regionspot.evaluate.metrics import EVALUATORS
+from regionspot.models.options import BackboneOptions
+from regionspot.options import check_options, option
 
-METHODS = ("regionspot", "clip-crop", "clip-mask")
-EVALUATORS = ("lvis", "fast")
-DEVICES = ("auto", "cpu", "cuda")
+Method = Literal["regionspot", "clip-crop", "clip-mask"]
+Evaluator = Literal[EVALUATORS]  # the choices as a type, from their one home
 
 
 @dataclass
-class EvalConfig:
-    checkpoint: Path | None = None
-    """A checkpoint directory (runs/NAME/checkpoints/step-N or .../last), a head.safetensors, or an
-    official RegionSpot .pth. Not used by the clip-crop / clip-mask baselines."""
-    proposals: str = "gt"
-    """'gt' (the annotated boxes, score 1) or a detector's boxes: a COCO results JSON or the official dict."""
-    dataset: str = "lvis_val"
-    """Dataset name or coco:ANNOTATIONS.json:IMAGES; its COCO/LVIS annotations are the ground truth."""
-    data_root: Path | None = None
-    """Root of the named datasets (else $REGIONSPOT_DATASETS, else datasets/)."""
-    shards: Path | None = None
-    """The shard set to read. Default: one under --shards-root made for this dataset, proposals and
-    backbones, else one extracted now (and kept there for the next checkpoint)."""
-    shards_root: Path | None = None
-    """Where shard sets are looked for and made (else $REGIONSPOT_SHARDS, else shards/)."""
-    backbones: str = "bl"
-    """Backbone preset (bb, bl, bl336, tiny), for an official .pth, the baselines and extraction."""
-    sam: str | None = None
-    sam_checkpoint: str | None = None
-    clip: str | None = None
-    clip_pretrained: str | None = None
-    clip_size: int | None = None
-    sam_tokens: int | None = None
-    method: str = "regionspot"
-    """regionspot (the head), clip-crop (CLIP on each box crop) or clip-mask (crop with the outside of
-    SAM's mask painted CLIP's mean colour)."""
-    max_dets: int = 300
-    """Detections kept per image, by score (LVIS: 300)."""
-    candidates: int = 900
-    """(region, class) pairs kept per image by probability before scoring (official: 900)."""
-    masks: bool = False
-    """Also write SAM's masks as segmentations and report segm metrics (shards extracted with --masks)."""
-    evaluator: str = "lvis"
-    """lvis: the reference APIs (lvis package / pycocotools); fast: the vectorised evaluator."""
-    out: Path | None = None
-    """Output folder for detections.json, metrics.json and config.yaml."""
-    batch_size: int = 16
-    """Images per head forward pass."""
-    device: str = "auto"
-    """auto (cuda when available), cpu or cuda."""
-    workers: int = 0
-    """Shard-reading worker processes."""
-    gpus: int | None = None
-    """For extraction on the spot: processes, one per GPU (default: all visible; 0 = CPU)."""
-    limit: int | None = None
-    """Evaluate the first N images only (by key); the ground truth is cut to them."""
+class EvalConfig(BackboneOptions):
+    checkpoint: Path | None = option(
+        None, "Checkpoint directory (runs/NAME/checkpoints/last), head.safetensors or an official RegionSpot "
+        ".pth (which takes the fingerprint of --backbones). Not used by the clip-crop / clip-mask baselines."
+    )  # fmt: skip
+    proposals: str = option(
+        "gt", "'gt' (the annotated boxes, score 1) or a detector's boxes: a COCO results JSON or the official dict."
+    )
+    dataset: str = option(
+        "lvis_val", "Dataset name (lvis_val, coco, toy_val, ...) or coco:ANN.json:IMAGES; its COCO/LVIS "
+        "annotations are the ground truth."
+    )  # fmt: skip
+    data_root: Path | None = option(
+        None, "Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/)."
+    )
+    shards: Path | None = option(
+        None, "Shard set to read (default: one under --shards-root made for this dataset, proposals and "
+        "backbones, else one extracted there now and kept for the next checkpoint)."
+    )  # fmt: skip
+    shards_root: Path | None = option(
+        None, "Where shard sets are found and made (default: $REGIONSPOT_SHARDS, else shards/)."
+    )
+    method: Method = option(
+        "regionspot", "regionspot (the head), clip-crop (CLIP on each box crop) or clip-mask (the crop with the "
+        "outside of SAM's mask painted CLIP's mean colour): the paper's CLIP baselines."
+    )  # fmt: skip
+    max_dets: int = option(300, "Detections kept per image, by score (LVIS: 300).", min=1)
+    candidates: int = option(
+        900, "(region, class) pairs kept per image by probability before scoring (official: 900).", min=1
+    )
+    masks: bool = option(
+        False, "Also write SAM's masks as segmentations and report segm metrics (needs shards with masks)."
+    )
+    evaluator: Evaluator = option(
+        "lvis", "lvis: the reference APIs (lvis package / pycocotools); fast: the vectorised evaluator "
+        "(same numbers)."
+    )  # fmt: skip
+    out: Path | None = option(
+        None, "Output folder for detections.json, metrics.json and config.yaml (default: "
+        "runs/NAME/eval/STEP-DATASET-PROPOSALS beside the checkpoint)."
+    )  # fmt: skip
+    batch_size: int = option(16, "Images per head forward pass.", min=1)
+    device: str = option("auto", DEVICE_HELP)
+    workers: int = option(0, "Processes that read shards (0: read in the main process).", min=0)
+    gpus: int | None = option(
+        None, "Extraction on the spot: processes, one per GPU (default: all visible; 0: the CPU).", min=0
+    )
+    limit: int | None = option(
+        None, "Evaluate the first N images only (by key); the ground truth is cut to them.", min=1
+    )
 
     def check(self) -> EvalConfig:
         """Collect every problem with the options and raise them together, naming the flags."""
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.evaluator not in EVALUATORS:
-            problems.append(f"--evaluator {self.evaluator!r}: choose one of {', '.join(EVALUATORS)}")
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            problems.append(f"--device {self.device!r}: choose one of {', '.join(DEVICES)} or cuda:N")
-        for flag, value, low in (
-            ("--max-dets", self.max_dets, 1),
-            ("--candidates", self.candidates, 1),
-            ("--batch-size", self.batch_size, 1),
-            ("--workers", self.workers, 0),
-            ("--gpus", self.gpus, 0),
-            ("--limit", self.limit, 1),
-        ):
-            if value is not None and value < low:
-                problems.append(f"{flag} {value}: must be at least {low}")
+        problems = check_options(self)
+        try:
+            check_device_name(self.device)
+        except RegionSpotError as e:
+            problems.append(str(e))
         if self.method == "regionspot":
             if self.checkpoint is None:
                 problems.append("--checkpoint is required for --method regionspot (a checkpoint dir, "
@@ -124,10 +120,6 @@ class EvalConfig:
         if ckpt.parent.name == "checkpoints":  # runs/NAME/checkpoints/step-N
             return ckpt.parent.parent / "eval" / f"{ckpt.name}-{what}"
         return Path("eval") / f"{ckpt.stem}-{what}"
-
-    def backbone_overrides(self) -> dict:
-        return {k: getattr(self, k) for k in ("sam", "sam_checkpoint", "clip", "clip_pretrained", "clip_size",
-                                              "sam_tokens")}  # fmt: skip
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

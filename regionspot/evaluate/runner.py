@@ -9,18 +9,21 @@ detections.json + metrics.json + config.yaml in the output folder, and a printed
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from regionspot.devices import resolve_device
 from regionspot.errors import RegionSpotError
 from regionspot.evaluate.config import EvalConfig
 from regionspot.evaluate.detections import Detections
 from regionspot.evaluate.features import resolve_shardset, wanted
 from regionspot.evaluate.metrics import compute_metrics, load_ground_truth, metric_names
 from regionspot.models.scoring import region_probabilities, select_detections
+from regionspot.progress import progress_bar
 
 
 @dataclass
@@ -44,18 +47,15 @@ def run_eval(cfg: EvalConfig, show: bool = True) -> EvalResult:
     """
     from regionspot.data.datasets import open_dataset
     from regionspot.data.proposals import load_proposals
-    from regionspot.models.presets import resolve_backbones
     from regionspot.shards.shardset import ShardSet
 
     cfg.check()
-    spec = resolve_backbones(
-        cfg.backbones, **{k: v for k, v in cfg.backbone_overrides().items() if v is not None}
-    )
+    spec = cfg.spec()
     reader = open_dataset(cfg.dataset, cfg.data_root, check_images=cfg.method != "regionspot")
     gt_path = ground_truth_path(reader)
     proposals = load_proposals(cfg.proposals_path, reader) if cfg.proposals_path is not None else None
     out = cfg.output_dir()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
 
     head, backbones, info = None, None, {}
     if cfg.method == "regionspot":
@@ -141,33 +141,16 @@ def restrict_ground_truth(gt: dict, seen: set, shardset, reader, limit: int | No
             "annotations": [a for a in gt["annotations"] if a["image_id"] in ids]}  # fmt: skip
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RegionSpotError(f"--device {name}: no CUDA device here; use --device cpu")
-    return torch.device(name)
-
-
 def _load_head(cfg: EvalConfig, spec):
-    """The head, the backbones fingerprint it belongs to, and what to record about it."""
-    from regionspot.models.checkpoint import load_head, resolve_checkpoint
-
-    file = resolve_checkpoint(cfg.checkpoint)
-    backbones_fp = None
-    if file.suffix != ".safetensors":  # an official .pth: it takes the fingerprint of --backbones
-        backbones_fp = _backbones_fingerprint(spec)
-    head, fingerprint, imported = load_head(file, fingerprint_if_imported=backbones_fp)
-    if not fingerprint:  # a converted official checkpoint saved without one
-        fingerprint = _backbones_fingerprint(spec)
-    info = {"path": str(file), "fingerprint": fingerprint, "imported": bool(imported), "head": head.config()}
-    return head, fingerprint, info
-
-
-def _backbones_fingerprint(spec) -> str:
+    """The head, the backbones fingerprint it answers to, and what to record about it."""
+    from regionspot.models.checkpoint import head_fingerprint, load_head, resolve_checkpoint
     from regionspot.models.presets import load_backbones
 
-    return load_backbones(spec, device="cpu").fingerprint
+    file = resolve_checkpoint(cfg.checkpoint)
+    head, fingerprint, imported = load_head(file)
+    fingerprint = head_fingerprint(fingerprint, lambda: load_backbones(spec, device="cpu").fingerprint)
+    info = {"path": str(file), "fingerprint": fingerprint, "imported": bool(imported), "head": head.config()}
+    return head, fingerprint, info
 
 
 def _select(cfg: EvalConfig, probs: torch.Tensor, sample, dets: Detections) -> None:
@@ -243,23 +226,12 @@ def _score_with_clip(cfg, shardset, reader, backbones, text, dets, device) -> se
     return seen
 
 
-class _progress:
-    """A rich progress bar over images (silent when not on a terminal)."""
-
-    def __init__(self, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            transient=True)  # fmt: skip
-        self.total = total
-
-    def __enter__(self):
-        self.bar.__enter__()
-        task = self.bar.add_task("scoring", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+@contextmanager
+def _progress(total: int):
+    """A bar over the images scored (transient); yields advance(n)."""
+    with progress_bar("scoring", "img", transient=True) as bar:
+        task = bar.add_task("scoring", total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _write_yaml(path: Path, obj: dict) -> None:

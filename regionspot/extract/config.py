@@ -5,62 +5,54 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from regionspot.errors import RegionSpotError
+from regionspot.models.options import BackboneOptions
+from regionspot.options import check_options, option
+from regionspot.shards.storage import STORAGES
 
-STORAGES = ("wds", "zarr")
+Storage = Literal[STORAGES]  # the choices as a type, from their one home
 
 
 @dataclass
-class ExtractConfig:
-    dataset: str = "toy"
-    """Dataset name (o365, v3det, openimages, lvis_val, coco, toy, toy_val) or coco:ANN.json:IMAGES or
-    openimages:BOXES.csv:CLASSES.csv:IMAGES."""
-    data_root: Path | None = None
-    """Root of the named datasets (else $REGIONSPOT_DATASETS, else datasets/)."""
-    out: Path | None = None
-    """Shard set directory (default shards/<dataset>, or shards/<dataset>-<proposals> with proposals)."""
-    backbones: str = "bl"
-    """Backbone preset: bb, bl, bl336 or tiny."""
-    sam: str | None = None
-    sam_checkpoint: str | None = None
-    clip: str | None = None
-    clip_pretrained: str | None = None
-    clip_size: int | None = None
-    sam_tokens: int | None = None
-    """1: the single-mask token (paper default); 3: the three multimask tokens."""
-    masks: bool = False
-    """Also store SAM's mask per region (COCO RLE)."""
-    storage: str = "wds"
-    shard_size: int = 1000
-    proposals: Path | None = None
-    """A detector's boxes (COCO results list or the official RegionSpot dict); None = annotations."""
-    gpus: int | None = None
-    """Processes, one per GPU, on this machine (default: all visible GPUs; 0 = CPU)."""
-    workers: int | None = None
-    """GPU: image-decoding DataLoader workers per GPU (default 8). CPU: extraction processes (default 1)."""
-    batch_size: int = 8
-    limit: int | None = None
-    max_boxes: int | None = None
-    overwrite: bool = False
+class ExtractConfig(BackboneOptions):
+    dataset: str = option(
+        "toy",
+        "Dataset name (o365, v3det, openimages, lvis_val, coco, toy, toy_val), coco:ANN.json:IMAGES or "
+        "openimages:BOXES.csv:CLASSES.csv:IMAGES.",
+    )
+    data_root: Path | None = option(
+        None, "Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/)."
+    )
+    out: Path | None = option(
+        None, "Shard set directory (default: $REGIONSPOT_SHARDS/DATASET, else shards/DATASET; "
+        "with proposals shards/DATASET-PROPOSALS)."
+    )  # fmt: skip
+    masks: bool = option(False, "Also store SAM's mask per region (COCO RLE).")
+    storage: Storage = option("wds", "Shard storage: wds (tar files) or zarr.")
+    shard_size: int = option(1000, "Images per shard: the unit of resume and distribution.", min=1)
+    proposals: Path | None = option(
+        None, "A detector's boxes instead of the annotations ('gt'): a COCO results JSON or the official "
+        "RegionSpot dict."
+    )  # fmt: skip
+    gpus: int | None = option(
+        None, "Extraction processes, one per GPU of this machine (default: all visible; 0: the CPU).", min=0
+    )
+    workers: int | None = option(
+        None, "With GPUs: image-decoding processes per GPU (default 8). On the CPU (--gpus 0): extraction "
+        "processes (default 1).", min=0,
+    )  # fmt: skip
+    batch_size: int = option(8, "Images per forward pass.", min=1)
+    limit: int | None = option(None, "Extract only the first N images (by key).", min=1)
+    max_boxes: int | None = option(
+        None, "Keep an image's N best regions: proposals by score, annotations by size.", min=1
+    )
+    overwrite: bool = option(False, "Replace the shards of a different run in --out.")
 
     def check(self) -> ExtractConfig:
         """Collect every problem with the options and raise them together, naming the flags."""
-        problems = []
-        if self.storage not in STORAGES:
-            problems.append(f"--storage {self.storage!r}: choose one of {', '.join(STORAGES)}")
-        for flag, value, low in (
-            ("--shard-size", self.shard_size, 1),
-            ("--batch-size", self.batch_size, 1),
-            ("--limit", self.limit, 1),
-            ("--max-boxes", self.max_boxes, 1),
-            ("--gpus", self.gpus, 0),
-            ("--workers", self.workers, 0),
-        ):
-            if value is not None and value < low:
-                problems.append(f"{flag} {value}: must be at least {low}")
-        if self.sam_tokens not in (None, 1, 3):
-            problems.append(f"--sam-tokens {self.sam_tokens}: choose 1 or 3")
+        problems = check_options(self)
         if self.proposals is not None and not Path(self.proposals).is_file():
             problems.append(f"--proposals {self.proposals}: no such file")
         if problems:

@@ -1,4 +1,4 @@
-"""Progress of one extraction process: a bar with images/s, regions/s and ETA, and the time split."""
+"""Progress of one extraction process: the bar (images/s, regions/s, time left) and where the time went."""
 
 from __future__ import annotations
 
@@ -6,26 +6,10 @@ import logging
 import time
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+
+from regionspot.progress import progress_bar
 
 log = logging.getLogger("regionspot.extract")
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        elapsed = task.elapsed or 0.0
-        if elapsed <= 0:
-            return Text("")
-        images, regions = task.completed / elapsed, task.fields.get("regions", 0) / elapsed
-        return Text(f"{images:.1f} img/s  {regions:.0f} regions/s", style="cyan")
 
 
 class ExtractProgress:
@@ -33,10 +17,7 @@ class ExtractProgress:
         self.images, self.regions, self.show = images, regions, show
         self.done_regions = 0
         self.started = time.perf_counter()
-        self._progress = Progress(
-            TextColumn("extract"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
-            console=Console(stderr=True), disable=not show,
-        )
+        self._progress = progress_bar("extract", "img", show=show, rate_fields=("regions",))
         self._task = self._progress.add_task("extract", total=images, regions=0)
 
     def __enter__(self):

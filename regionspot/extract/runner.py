@@ -19,6 +19,7 @@ import torch
 from regionspot.data.datasets import open_dataset
 from regionspot.data.proposals import cap_boxes, load_proposals
 from regionspot.data.records import ImageRecord
+from regionspot.devices import resolve_device
 from regionspot.errors import RegionSpotError
 from regionspot.extract.config import ExtractConfig
 from regionspot.extract.loop import count_regions, extract_shards
@@ -26,7 +27,7 @@ from regionspot.extract.partition import Partition, launcher_partition, num_shar
 from regionspot.extract.progress import ExtractProgress
 from regionspot.extract.sink import ShardSink
 from regionspot.models.clip import TEMPLATES_NAME
-from regionspot.models.presets import load_backbones, resolve_backbones
+from regionspot.models.presets import load_backbones
 from regionspot.shards.identity import run_identity
 from regionspot.shards.writer import ShardSetWriter
 
@@ -57,10 +58,7 @@ class Plan:
 def make_plan(cfg: ExtractConfig) -> Plan:
     """Check every option and read the annotations; no model is loaded."""
     cfg.check()
-    spec = resolve_backbones(
-        cfg.backbones, sam=cfg.sam, sam_checkpoint=cfg.sam_checkpoint, clip=cfg.clip,
-        clip_pretrained=cfg.clip_pretrained, clip_size=cfg.clip_size, sam_tokens=cfg.sam_tokens,
-    )
+    spec = cfg.spec()
     reader = open_dataset(cfg.dataset, cfg.data_root)
     records = reader.records()
     if cfg.proposals is not None:
@@ -122,10 +120,8 @@ def _spawned(rank: int, world: int, cfg: ExtractConfig) -> None:
 
 def _device(plan: Plan, partition: Partition) -> torch.device:
     gpus = torch.cuda.device_count() if plan.cfg.gpus is None else plan.cfg.gpus
-    if gpus == 0 or not torch.cuda.is_available():
-        return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", partition.rank if not partition.external else 0))
-    return torch.device("cuda", local % torch.cuda.device_count())
+    return resolve_device("cpu" if gpus == 0 else "auto", local_rank=local)
 
 
 def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) -> None:

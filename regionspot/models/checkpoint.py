@@ -181,4 +181,24 @@ __all__ = [
     "resolve_checkpoint",
     "save_head",
     "write_last",
+    "head_fingerprint",
 ]
+
+
+# --- the fingerprint a loaded head answers to ------------------------------------------------------
+# (its own block: eval and predict both apply this rule; DESIGN.md §5)
+
+
+def head_fingerprint(fingerprint: str | None, chosen_backbones) -> str:
+    """The backbones fingerprint a loaded head answers to.
+
+    A head trained here carries the fingerprint of the features it was trained on. An imported
+    official head (a .pth, or a conversion of one) carries none: it takes the fingerprint of the
+    backbones the command names.
+
+    Args:
+        fingerprint: what `load_head` returned for the head (None or "" when it carries none).
+        chosen_backbones: a function of no arguments returning the chosen backbones' fingerprint;
+            called only for a head without one, since it may have to load the backbones.
+    """
+    return fingerprint or chosen_backbones()

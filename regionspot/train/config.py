@@ -7,12 +7,13 @@ written as config.yaml in the run folder and beside every checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
 
 from regionspot.errors import RegionSpotError
+from regionspot.options import check_options, flag_name, option
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 _PATHS = ("out", "init")
@@ -20,52 +21,64 @@ _PATHS = ("out", "init")
 
 @dataclass
 class TrainConfig:
-    shards: list[Path] = field(default_factory=list)
-    """Shard sets, or folders holding one shard set per dataset, to mix."""
-    out: Path = Path("runs/regionspot")
-    """The run folder: checkpoints/, tensorboard/, metrics.jsonl, config.yaml."""
-    steps: int = 450_000
-    """Optimiser steps (paper: 450K per stage)."""
-    batch_size: int = 16
-    """Images per step over all ranks (paper: 16); each rank takes batch_size / world of them."""
-    lr: float = 2.5e-5
-    """AdamW learning rate (paper: 2.5e-5)."""
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    """Clip the gradients' global L2 norm to this (0: off)."""
-    warmup_steps: int = 1000
-    warmup_factor: float = 0.01
-    """The warm-up starts at lr * warmup_factor and rises linearly to lr (detectron2's linear warm-up)."""
-    lr_drop_steps: list[int] = field(default_factory=lambda: [350_000, 420_000])
-    lr_drop_factor: float = 0.1
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    mix_weights: list[float] | None = None
-    """Sampling weight per dataset, in the order the shard sets are found (default: equal, as the paper)."""
-    init: Path | None = None
-    """Start from this checkpoint's head weights (stage 2 from stage 1); an official .pth also works."""
-    resume: bool = False
-    """Continue the run in `out` from its last checkpoint, exactly (weights, optimiser, data, RNG)."""
-    gpus: int | None = None
-    """GPUs on this machine; more than one starts torchrun (DDP); 0 trains on the CPU."""
-    workers: int = 4
-    """DataLoader worker processes per rank, each an independent seeded reader (0: read in the main process)."""
-    shuffle_buffer: int = 128
-    """Images each reader holds and draws from at random, per dataset (bl: 128 x ~0.5 MiB per reader)."""
-    prefetch: int = 4
-    """Batches each worker prepares ahead."""
-    save_every: int = 5000
-    log_every: int = 20
-    seed: int = 0
-    """Seed of the head's initialisation, the data stream and dropout."""
-    dropout: float = 0.1
-    num_layers: int = 3
-    """Decoder layers of the head (paper: 3)."""
-    ff_dim: int = 2048
-    """Decoder feed-forward width (paper: 2048)."""
-    num_heads: int = 8
-    shuffle_labels: bool = False
-    """A control: every region gets a seeded random label (the quickstart compares against it)."""
+    shards: list[Path] = option(
+        default_factory=list, help="A shard set, or a folder of shard sets (one per dataset) to mix; repeatable."
+    )
+    out: Path = option(
+        Path("runs/regionspot"), "Run folder: checkpoints/, tensorboard/, metrics.jsonl, config.yaml."
+    )
+    steps: int = option(450_000, "Optimiser steps (paper: 450K per stage).", min=1)
+    batch_size: int = option(
+        16, "Images per step over all ranks (paper: 16); each rank takes batch_size / world of them.", min=1
+    )
+    lr: float = option(2.5e-5, "AdamW learning rate (paper: 2.5e-5).")
+    weight_decay: float = option(1e-4, "AdamW weight decay.", flag=False)
+    grad_clip: float = option(1.0, "Clip the gradients' global L2 norm to this (0: off).", flag=False)
+    warmup_steps: int = option(1000, "Linear warm-up steps (paper: 1000).", min=0)
+    warmup_factor: float = option(
+        0.01, "The warm-up starts at lr * warmup_factor and rises linearly to lr (detectron2's).", flag=False
+    )
+    lr_drop_steps: list[int] = option(
+        default_factory=lambda: [350_000, 420_000], help="Steps at which lr drops by lr_drop_factor.", flag=False
+    )
+    lr_drop_factor: float = option(0.1, "What lr is multiplied by at each lr_drop_steps.", flag=False)
+    focal_alpha: float = option(0.25, "Sigmoid focal loss alpha.", flag=False)
+    focal_gamma: float = option(2.0, "Sigmoid focal loss gamma.", flag=False)
+    mix_weights: list[float] | None = option(
+        None, "Sampling weight per dataset, in the order the shard sets are found (default: equal, as the "
+        "paper).", flag=False,
+    )  # fmt: skip
+    init: Path | None = option(
+        None, "Start from this checkpoint's head (stage 2 from stage 1); an official .pth also works."
+    )
+    resume: bool = option(
+        False, "Continue the run in --out exactly where its last checkpoint left it (weights, optimiser, data, "
+        "random state)."
+    )  # fmt: skip
+    gpus: int | None = option(
+        None, "GPUs on this machine: more than 1 starts torchrun (DDP); 0 trains on the CPU (default: one "
+        "process, on a GPU when there is one).", min=0,
+    )  # fmt: skip
+    workers: int = option(
+        4, "Processes per GPU that read shards, each an independent seeded reader (0: read in the main "
+        "process).", min=0,
+    )  # fmt: skip
+    shuffle_buffer: int = option(
+        128, "Images each reader holds and draws from at random, per dataset (bl: 128 x ~0.5 MiB per reader).",
+        min=1, flag=False,
+    )  # fmt: skip
+    prefetch: int = option(4, "Batches each reader prepares ahead.", min=1, flag=False)
+    save_every: int = option(5000, "Checkpoint every N steps (and at the end).", min=1)
+    log_every: int = option(20, "Write metrics.jsonl and TensorBoard every N steps.", min=1)
+    seed: int = option(0, "Seed of the head's initialisation, the data stream and dropout.")
+    dropout: float = option(0.1, "Dropout in the head's decoder layers.", flag=False)
+    num_layers: int = option(3, "Decoder layers of the head (paper: 3).", min=1, flag=False)
+    ff_dim: int = option(2048, "Decoder feed-forward width (paper: 2048).", min=1, flag=False)
+    num_heads: int = option(8, "Attention heads of the decoder (paper: 8).", min=1, flag=False)
+    shuffle_labels: bool = option(
+        False, "A control: every region gets a seeded random label (the quickstart compares against it).",
+        flag=False,
+    )  # fmt: skip
 
     def check(self) -> TrainConfig:
         """Collect every problem with the values and raise them at once (RegionSpotError)."""
@@ -76,40 +89,26 @@ class TrainConfig:
         problems = []
         if not self.shards:
             problems.append("--shards: name at least one shard set (or a folder of shard sets)")
-        for flag, value, least in (
-            ("steps", self.steps, 1),
-            ("batch_size", self.batch_size, 1),
-            ("save_every", self.save_every, 1),
-            ("log_every", self.log_every, 1),
-            ("workers", self.workers, 0),
-            ("shuffle_buffer", self.shuffle_buffer, 1),
-            ("prefetch", self.prefetch, 1),
-            ("warmup_steps", self.warmup_steps, 0),
-            ("num_layers", self.num_layers, 1),
-            ("ff_dim", self.ff_dim, 1),
-            ("num_heads", self.num_heads, 1),
+        problems += check_options(self)
+        for name, fine, rule in (  # float ranges (typer's min= is inclusive and for the flags only)
+            ("lr", self.lr > 0, "must be positive"),
+            ("lr_drop_factor", self.lr_drop_factor > 0, "must be positive"),
+            ("warmup_factor", 0 < self.warmup_factor <= 1, "must be in (0, 1]"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must not be negative"),
+            ("grad_clip", self.grad_clip >= 0, "must not be negative"),
         ):
-            if not isinstance(value, int) or value < least:
-                problems.append(f"--{flag.replace('_', '-')} {value}: must be an integer >= {least}")
-        for flag, value in (("lr", self.lr), ("lr_drop_factor", self.lr_drop_factor)):
-            if not value > 0:
-                problems.append(f"--{flag.replace('_', '-')} {value}: must be positive")
-        if not 0 < self.warmup_factor <= 1:
-            problems.append(f"warmup_factor {self.warmup_factor}: must be in (0, 1]")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout {self.dropout}: must be in [0, 1)")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            problems.append("weight_decay and grad_clip must not be negative")
+            if not fine:
+                problems.append(f"{flag_name(self, name)} {getattr(self, name)}: {rule}")
         if self.mix_weights is not None and (
             not self.mix_weights or min(self.mix_weights) < 0 or sum(self.mix_weights) <= 0
         ):
             problems.append(
-                f"mix_weights {self.mix_weights}: give one non-negative weight per dataset, not all 0"
+                f"{flag_name(self, 'mix_weights')} {self.mix_weights}: give one non-negative weight per "
+                "dataset, not all 0"
             )
         if self.init is not None and self.resume:
             problems.append("--init with --resume: --resume continues a run, --init starts one; drop one")
-        if self.gpus is not None and self.gpus < 0:
-            problems.append(f"--gpus {self.gpus}: must be 0 or more")
         if problems:
             raise RegionSpotError("; ".join(problems))
         self.lr_drop_steps = sorted(int(s) for s in self.lr_drop_steps)
@@ -128,6 +127,11 @@ def known_keys() -> list[str]:
     return sorted(f.name for f in fields(TrainConfig))
 
 
+def list_recipes() -> list[str]:
+    """The recipe names `--recipe` accepts (besides a YAML file path)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
 def load_recipe(recipe: str | Path) -> dict:
     """The values of a recipe: a name under regionspot/recipes/ (bb-stage1, ...) or a YAML file path.
 
@@ -137,9 +141,8 @@ def load_recipe(recipe: str | Path) -> dict:
     if path.suffix not in (".yaml", ".yml"):
         path = RECIPES / f"{recipe}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
         raise RegionSpotError(
-            f"recipe {str(recipe)!r} not found; available: {', '.join(names)}, or a YAML file path"
+            f"recipe {str(recipe)!r} not found; available: {', '.join(list_recipes())}, or a YAML file path"
         )
     try:
         values = yaml.safe_load(path.read_text()) or {}

@@ -11,8 +11,7 @@ import math
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from regionspot.progress import progress_bar
 
 
 class TrainLog:
@@ -31,14 +30,7 @@ class TrainLog:
             ]
             path.write_text("".join(line + "\n" for line in kept))
         self.jsonl = open(path, "a")
-        self.progress = Progress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
+        self.progress = progress_bar("train", "step", info=True)
         self.task = self.progress.add_task("train", total=total, completed=start, info="")
         self.progress.start()
 

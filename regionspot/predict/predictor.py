@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from regionspot.devices import resolve_device
 from regionspot.errors import RegionSpotError
+from regionspot.predict.inputs import check_boxes, check_image, check_points, check_vocabulary
 
 STORED_DTYPE = torch.float16  # what the shards hold (shards.schema.ARRAY_FIELDS); predict rounds the same way
 
@@ -101,20 +103,6 @@ def _rounded(x: torch.Tensor) -> torch.Tensor:
     return x.to(STORED_DTYPE).float()
 
 
-def _check_image(image) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
-        raise RegionSpotError(
-            f"image of shape {tuple(image.shape)} and dtype {image.dtype}: expected uint8 HxWx3 RGB "
-            "(regionspot.data.images.load_image reads files that way)"
-        )
-    return image
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class RegionPredictor:
     """SAM + CLIP + a trained `RegionSpotHead`, for naming regions of single images.
 
@@ -152,26 +140,26 @@ class RegionPredictor:
             checkpoint: a checkpoint directory (runs/X/checkpoints/step-N or .../last), a
                 head.safetensors, or an official RegionSpot .pth (imported: it takes the chosen
                 backbones' fingerprint).
-            backbones: a preset name (bb, bl, bl336, tiny) or a `BackboneSpec`.
-            sam_checkpoint, clip_pretrained, **overrides: as `models.presets.resolve_backbones`.
-            device: default cuda when available, else cpu.
+            backbones: a preset name (bb, bl, bl336, tiny), `BackboneOptions` or a resolved `BackboneSpec`.
+            sam_checkpoint, clip_pretrained, **overrides: with a preset name, the other
+                `BackboneOptions` (sam, clip, clip_size, sam_tokens).
+            device: auto (default: CUDA when present, else the CPU), cpu, cuda, cuda:N or a torch.device.
         """
-        from regionspot.models.checkpoint import load_head
-        from regionspot.models.presets import BackboneSpec, load_backbones, resolve_backbones
+        from regionspot.models.checkpoint import head_fingerprint, load_head
+        from regionspot.models.options import BackboneOptions
+        from regionspot.models.presets import load_backbones
 
-        if isinstance(backbones, BackboneSpec):
-            spec = backbones
-        else:
-            spec = resolve_backbones(
+        if isinstance(backbones, str):
+            backbones = BackboneOptions(
                 backbones, sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained, **overrides
             )
+        spec = backbones.spec() if isinstance(backbones, BackboneOptions) else backbones
         checkpoint = Path(checkpoint)
-        device = torch.device(device) if device is not None else _default_device()
+        device = resolve_device(device)
         # the head first: a wrong checkpoint is reported before the (slow) backbones load
         head, fingerprint, imported = load_head(checkpoint)
         loaded = load_backbones(spec, device=device)
-        if imported and not fingerprint:  # an official .pth takes the chosen backbones' fingerprint
-            fingerprint = loaded.fingerprint
+        fingerprint = head_fingerprint(fingerprint, lambda: loaded.fingerprint)
         check_compatible(head, fingerprint, loaded, checkpoint, spec)
         return cls(loaded, head, device=device, imported=imported)
 
@@ -190,7 +178,7 @@ class RegionPredictor:
     @torch.inference_mode()
     def encode_images(self, images: Sequence[np.ndarray]) -> list[ImageFeatures]:
         """Run SAM's image encoder and CLIP on a batch of uint8 HxWx3 RGB images (sizes may differ)."""
-        images = [_check_image(im) for im in images]
+        images = [check_image(im) for im in images]
         if not images:
             return []
         sam, clip = self.backbones.sam, self.backbones.clip
@@ -341,66 +329,6 @@ def _mask_box(mask: dict | None) -> tuple[float, float, float, float]:
         rle["counts"] = rle["counts"].encode("ascii")
     x, y, w, h = mask_utils.toBbox(rle).tolist()
     return (x, y, x + w, y + h)
-
-
-def check_vocabulary(names: Sequence[str]) -> list[str]:
-    """Strip the names; refuse an empty vocabulary, empty names and duplicates."""
-    if isinstance(names, str):
-        raise RegionSpotError(
-            f"vocabulary {names!r} is one string; pass a list of names, e.g. ['cat', 'dog']"
-        )
-    names = [str(n).strip() for n in names]
-    if not names or not any(names):
-        raise RegionSpotError('the vocabulary is empty; give at least one class name, e.g. --vocab "cat,dog"')
-    if "" in names:
-        raise RegionSpotError(f"vocabulary entry {names.index('') + 1} is empty; remove the blank name")
-    seen = set()
-    for n in names:
-        if n in seen:
-            raise RegionSpotError(f"vocabulary name {n!r} appears twice; give each name once")
-        seen.add(n)
-    return names
-
-
-def check_boxes(boxes, width: int, height: int) -> np.ndarray:
-    """Boxes as float32 [N, 4] clipped to the image; a non-finite or (after clipping) empty box is an error."""
-    array = np.asarray(boxes, np.float32)
-    if array.size == 0:
-        return np.zeros((0, 4), np.float32)
-    if array.ndim == 1 and array.shape[0] == 4:
-        array = array[None]
-    if array.ndim != 2 or array.shape[1] != 4:
-        raise RegionSpotError(f"boxes of shape {tuple(array.shape)}: expected [N, 4] XYXY pixels")
-    clipped = array.copy()
-    clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, width)
-    clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0, height)
-    bad = ~np.isfinite(array).all(1) | (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise RegionSpotError(
-            f"{int(bad.sum())} box(es) empty inside the {width}x{height} image, first #{i} {array[i].tolist()}; "
-            "give x0 < x1, y0 < y1 overlapping the image"
-        )
-    return clipped
-
-
-def check_points(points, width: int, height: int) -> np.ndarray:
-    """Points as float32 [N, 2]; a point outside the image is an error."""
-    array = np.asarray(points, np.float32)
-    if array.size == 0:
-        return np.zeros((0, 2), np.float32)
-    if array.ndim == 1 and array.shape[0] == 2:
-        array = array[None]
-    if array.ndim != 2 or array.shape[1] != 2:
-        raise RegionSpotError(f"points of shape {tuple(array.shape)}: expected [N, 2] (x, y) pixels")
-    bad = ~np.isfinite(array).all(1) | (array[:, 0] < 0) | (array[:, 0] > width)
-    bad |= (array[:, 1] < 0) | (array[:, 1] > height)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise RegionSpotError(
-            f"point #{i} {array[i].tolist()} lies outside the {width}x{height} image; give (x, y) pixels inside it"
-        )
-    return array
 
 
 def check_compatible(head, fingerprint: str | None, backbones, checkpoint: Path, spec) -> None:

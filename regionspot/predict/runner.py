@@ -1,5 +1,5 @@
 """`regionspot predict` over files: batches of images through the predictor, per-image outputs, a
-progress bar and a summary (the options and inputs are `predict_inputs`').
+progress bar and a summary (the options are `config`'s, the inputs `inputs`').
 
 What it writes, per image (OUT/<stem>, or OUT/<relative path without suffix> when stems collide):
   <stem>.json             {"image", "width", "height", "regions": [{"box", "label", "score", "topk",
@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from regionspot.data.boxes import best_n_in_order, sanitize_boxes
 from regionspot.errors import RegionSpotError
-from regionspot.predict_inputs import ImageBoxes, PredictConfig, expand_inputs, keep_best, output_names
+from regionspot.predict.config import PredictConfig
+from regionspot.predict.inputs import ImageBoxes, expand_inputs, output_names
 
 
 def _write_json(path: Path, obj) -> None:
@@ -119,24 +121,21 @@ def _decode(paths: list[Path]) -> list[tuple[np.ndarray | None, str | None]]:
 def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) -> Summary:
     """Name the regions of every image the options name and write the outputs under cfg.out."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from regionspot.predict import RegionPredictor
+    from regionspot.predict.predictor import RegionPredictor
+    from regionspot.progress import progress_bar
 
     plan = make_plan(cfg)
     if predictor is None:
         predictor = RegionPredictor.from_checkpoint(
-            cfg.checkpoint, cfg.backbone_spec(), device=cfg.torch_device()
+            cfg.checkpoint, cfg.spec(), device=cfg.torch_device()
         )
     predictor.set_vocabulary(plan.vocabulary)
     cfg.out.mkdir(parents=True, exist_ok=True)
     summary = Summary()
     console = Console(stderr=True)
     indexed = list(enumerate(plan.paths))
-    progress = Progress(
-        TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, disable=not show_progress,
-    )  # fmt: skip
+    progress = progress_bar("predict", "img", show=show_progress)
     with progress, ThreadPoolExecutor(max_workers=1) as pool:
         task = progress.add_task("predict", total=len(indexed))
         chunks = list(batches(indexed, cfg.batch_size))
@@ -163,8 +162,7 @@ def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) 
 
 
 def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, console) -> None:
-    from regionspot.data.boxes import sanitize_boxes
-    from regionspot.draw import draw_attention, draw_regions, label_colors, save_png
+    from regionspot.predict.draw import draw_attention, draw_regions, label_colors, save_png
 
     cfg, path = plan.cfg, plan.paths[index]
     height, width = features.size
@@ -202,7 +200,7 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
                 )
             if proposal_scores is not None:
                 proposal_scores = proposal_scores[keep]
-                best = keep_best(proposal_scores, cfg.max_boxes)
+                best = best_n_in_order(proposal_scores, cfg.max_boxes)
                 boxes, proposal_scores = boxes[best], proposal_scores[best]
         regions = predictor.predict_features(
             features, boxes=boxes if boxes is not None else None, topk=cfg.topk, masks=cfg.masks,
