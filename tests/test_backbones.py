@@ -18,7 +18,8 @@ from regionspot.errors import RegionSpotError
 from regionspot.models.clip import ClipMapEncoder, is_torchscript, load_clip
 from regionspot.models.fingerprint import backbones_fingerprint
 from regionspot.models.presets import list_presets, load_backbones, resolve_backbones
-from regionspot.models.sam import SamRegionEncoder, build_tiny_sam, load_sam
+from regionspot.models.sam import SamRegionEncoder, load_sam
+from regionspot.models.tiny import build_tiny_sam
 
 TINY_CONFIG = {  # an open_clip model config as small as tiny CLIP, to load weight files by model name
     "embed_dim": 64,

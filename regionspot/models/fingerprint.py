@@ -1,4 +1,4 @@
-"""What makes two sets of backbone weights the same (DESIGN.md §4), and the fixed seed of `tiny`.
+"""What makes two sets of backbone weights the same (DESIGN.md §4).
 
 The fingerprint hashes the weights as loaded (not the tag or path they came from), the token choice
 and the CLIP input size: shards, checkpoints and predictions agree exactly when it does.
@@ -8,23 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-
-TINY_SEED = 20231102
-
-
-@contextmanager
-def tiny_seed(seed: int = TINY_SEED) -> Iterator[None]:
-    """Seed torch's CPU generator for building a `tiny` model, restoring the caller's random state after.
-
-    Every stage that names `tiny` gets bit-identical weights, whatever it drew from the global RNG before.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def state_sha256(module: torch.nn.Module) -> str:

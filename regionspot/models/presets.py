@@ -14,14 +14,9 @@ import torch
 
 from regionspot.errors import RegionSpotError
 from regionspot.models.fingerprint import backbones_fingerprint, state_sha256
+from regionspot.models.tiny import TINY_CLIP_PATCH, TINY_CLIP_SIZE
 
 SAM_MODELS = ("vit_b", "vit_l", "vit_h", "tiny")
-SAM_CHECKPOINTS = {
-    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-}
-TINY_CLIP_PATCH = 8
 CLIP_EXAMPLES = "ViT-B-16-quickgelu, ViT-L-14-quickgelu, ViT-L-14-336-quickgelu"
 
 
@@ -41,7 +36,7 @@ PRESETS: dict[str, BackboneSpec] = {
     "bb": BackboneSpec("vit_b", None, "ViT-B-16-quickgelu", "openai", 224),
     "bl": BackboneSpec("vit_b", None, "ViT-L-14-quickgelu", "openai", 224),
     "bl336": BackboneSpec("vit_b", None, "ViT-L-14-336-quickgelu", "openai", 336),
-    "tiny": BackboneSpec("tiny", None, "tiny", None, 64),
+    "tiny": BackboneSpec("tiny", None, "tiny", None, TINY_CLIP_SIZE),
 }
 
 
@@ -76,6 +71,8 @@ def resolve_backbones(preset: str = "bl", **overrides) -> BackboneSpec:
 
 
 def _sam_problems(spec: BackboneSpec) -> list[str]:
+    from regionspot.models.sam import SAM_CHECKPOINTS  # here: checking flags need not load segment_anything
+
     problems = []
     if spec.sam not in SAM_MODELS:
         problems.append(f"--sam {spec.sam!r}: unknown SAM; choose one of {', '.join(SAM_MODELS)}")
