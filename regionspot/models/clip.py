@@ -62,10 +62,9 @@ def _quiet_random_init():
         root.removeFilter(drop)
 
 
-def _load_torchscript(name: str, path: Path, image_size: int) -> nn.Module:
-    """OpenAI's TorchScript archive -> `name`'s architecture at `image_size` (strict, pos-embeds resized)."""
+def _read_torchscript(name: str, path: Path) -> dict:
+    """The state dict in OpenAI's TorchScript archive `path` (float32), for `name`'s architecture."""
     import open_clip
-    from open_clip.model import resize_pos_embed
 
     if not (open_clip.get_model_config(name) or {}).get("quick_gelu", False):
         hint = f"{name}-quickgelu" if f"{name}-quickgelu" in open_clip.list_models() else "a -quickgelu model"
@@ -74,26 +73,41 @@ def _load_torchscript(name: str, path: Path, image_size: int) -> nn.Module:
             f"and {name} uses GELU; use --clip {hint}"
         )
     try:
-        state = open_clip.load_openai_model(str(path), precision="fp32", device="cpu").state_dict()
+        return open_clip.load_openai_model(str(path), precision="fp32", device="cpu").state_dict()
     except Exception as e:
         raise RegionSpotError(
             f"--clip-pretrained {path}: cannot read the TorchScript archive ({first_line(e)})"
         ) from e
+
+
+def _architecture(name: str, image_size: int) -> nn.Module:
+    """open_clip's `name` at `image_size`, weights left for the caller to fill."""
+    import open_clip
+
     with _quiet_random_init():
-        model = open_clip.create_model(name, pretrained=None, force_image_size=image_size, device="cpu")
-    resize_pos_embed(state, model)  # a no-op at the size the weights were trained at
+        return open_clip.create_model(name, pretrained=None, force_image_size=image_size, device="cpu")
+
+
+def _load_into(model: nn.Module, state: dict, source: str, name: str) -> nn.Module:
+    """`state` (weights at the size they were trained at) loaded strictly into `model` (built at the
+    wanted size). Position embeddings of another grid are interpolated as the official RegionSpot code
+    does: bicubic without antialias (open_clip's default antialiases, which changes them even when
+    upsampling); at the trained size they are kept as they are."""
+    from open_clip.model import resize_pos_embed
+
+    resize_pos_embed(state, model, interpolation="bicubic", antialias=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise RegionSpotError(
-            f"--clip-pretrained {path} does not hold {name} weights ({first_line(e)}); "
-            "pick the matching --clip"
+            f"{source} does not hold {name} weights ({first_line(e)}); pick the matching --clip"
         ) from e
     return model
 
 
-def _create(name: str, pretrained: str, image_size: int) -> nn.Module:
-    """An open_clip tag or state-dict file (.bin, .safetensors, .pt) through create_model, weights_only."""
+def _create(name: str, pretrained: str) -> nn.Module:
+    """An open_clip tag or state-dict file (.bin, .safetensors, .pt) through create_model, weights_only,
+    at the size the weights were trained at."""
     import open_clip
 
     is_file = Path(pretrained).is_file()
@@ -104,7 +118,6 @@ def _create(name: str, pretrained: str, image_size: int) -> nn.Module:
             return open_clip.create_model(
                 name,
                 pretrained=pretrained,
-                force_image_size=image_size,
                 weights_only=True,
                 device="cpu",
                 precision="fp32",
@@ -137,19 +150,30 @@ def load_clip(name: str, pretrained: str | None, image_size: int):
     import open_clip
 
     if name == "tiny":
-        return build_tiny_clip(image_size), open_clip.SimpleTokenizer(), OPENAI_MEAN, OPENAI_STD
+        model = build_tiny_clip()
+        if model.visual.image_size != (image_size, image_size):
+            model = _load_into(build_tiny_clip(image_size), model.state_dict(), "--clip tiny", name)
+        return model.eval(), open_clip.SimpleTokenizer(), OPENAI_MEAN, OPENAI_STD
     path = Path(pretrained)
+    source = f"--clip-pretrained {pretrained}"
     if path.is_file() and is_torchscript(path):
-        model = _load_torchscript(name, path, image_size)
+        model = _load_into(_architecture(name, image_size), _read_torchscript(name, path), source, name)
     else:
-        model = _create(name, pretrained, image_size)
+        model = _create(name, pretrained)
+        if tuple(model.visual.image_size) != (image_size, image_size):
+            model = _load_into(_architecture(name, image_size), model.state_dict(), source, name)
     preprocess = open_clip.get_model_preprocess_cfg(model)
     tokenizer = open_clip.get_tokenizer(name)
     return model.eval(), tokenizer, preprocess.get("mean", OPENAI_MEAN), preprocess.get("std", OPENAI_STD)
 
 
 class ClipMapEncoder(FrozenEncoder):
-    """Frozen CLIP: `prepare` (CPU workers) -> `feature_map`; `text_embeddings` for a vocabulary."""
+    """Frozen CLIP: `prepare` (CPU workers or the device) -> `feature_map`; `text_embeddings` of a vocabulary.
+
+    `antialias`: whether the S x S resize antialiases. The official pipeline resized with the torchvision
+    of its time, which did not antialias tensors (its demo calls F.interpolate, bilinear): the default.
+    True changes the stored features and so the backbones fingerprint.
+    """
 
     def __init__(
         self,
@@ -158,9 +182,11 @@ class ClipMapEncoder(FrozenEncoder):
         image_size: int,
         mean=OPENAI_MEAN,
         std=OPENAI_STD,
-        autocast_dtype: torch.dtype | None = None,
+        precision: str = "fp32",
+        antialias: bool = False,
     ):
-        super().__init__(autocast_dtype)
+        super().__init__(precision)
+        self.antialias = bool(antialias)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
@@ -177,18 +203,24 @@ class ClipMapEncoder(FrozenEncoder):
         self.logit_scale = float(model.logit_scale.detach().exp().item())
         self.eval()
 
-    def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """HxWx3 uint8 RGB -> float32 [3, S, S]: squashed to S x S (bilinear, antialias), normalised (CPU)."""
-        x = torch.tensor(image).permute(2, 0, 1).float().div_(255)  # a copy: decoded arrays may be read-only
+    def hot_modules(self) -> dict[str, nn.Module]:
+        return {"CLIP's visual transformer": self.model.visual.transformer}
+
+    def prepare(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """HxWx3 uint8 RGB array, or uint8 [3, H, W] tensor on any device -> float32 [3, S, S] where the
+        input is: squashed to S x S (bilinear, antialiased only if `antialias`), normalised."""
+        if isinstance(image, np.ndarray):
+            image = torch.tensor(image).permute(2, 0, 1)  # a copy: decoded arrays may be read-only
         x = F.interpolate(
-            x[None],
+            image[None].float().div(255),
             size=(self.image_size, self.image_size),
             mode="bilinear",
-            antialias=True,
+            antialias=self.antialias,
             align_corners=False,
         )[0]  # (3, S, S)
-        mean = torch.tensor(self._mean).view(3, 1, 1)
-        std = torch.tensor(self._std).view(3, 1, 1)
+        # the constants, not the buffers: CPU workers must not touch the device the encoder is on
+        mean = torch.tensor(self._mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self._std, device=x.device).view(3, 1, 1)
         return (x - mean) / std
 
     @torch.inference_mode()

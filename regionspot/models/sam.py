@@ -17,9 +17,11 @@ from pycocotools import mask as mask_utils
 from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
 
 from regionspot.errors import RegionSpotError
 from regionspot.models.frozen import FrozenEncoder, first_line
+from regionspot.models.sam_attention import SAM_ATTENTION, use_fast_attention
 from regionspot.models.tiny import build_tiny_sam
 
 # The decoder's output tokens are [iou, mask 0 (single mask), mask 1..3 (multimask), prompt tokens...];
@@ -34,14 +36,24 @@ SAM_CHECKPOINTS = {
 }
 
 
-def load_sam(variant: str, checkpoint: str | Path | None) -> Sam:
+def load_sam(variant: str, checkpoint: str | Path | None, attention: str = "sdpa") -> Sam:
     """SAM `variant` (vit_b, vit_l, vit_h: the library's builders; tiny) with weights loaded safely.
 
     segment_anything's builders unpickle a checkpoint with a plain torch.load, so they build the
     architecture only and the weights are read here with weights_only=True.
+    `attention`: "sdpa" runs the image encoder's attention on F.scaled_dot_product_attention
+    (models/sam_attention.py; equal to the library's within float rounding, same state dict);
+    "library" keeps segment_anything's own modules.
     """
-    if variant == "tiny":
-        return build_tiny_sam()
+    if attention not in SAM_ATTENTION:
+        raise RegionSpotError(f"--sam-attention {attention!r}: choose one of {', '.join(SAM_ATTENTION)}")
+    sam = build_tiny_sam() if variant == "tiny" else _read_sam(variant, checkpoint)
+    if attention == "sdpa":
+        use_fast_attention(sam.image_encoder)
+    return sam
+
+
+def _read_sam(variant: str, checkpoint: str | Path | None) -> Sam:
     if checkpoint is None or not Path(checkpoint).is_file():
         raise RegionSpotError(
             f"--sam-checkpoint {checkpoint}: no such file; download SAM {variant} weights from "
@@ -90,8 +102,8 @@ def encode_rle(masks: np.ndarray) -> list[dict]:
 class SamRegionEncoder(FrozenEncoder):
     """Frozen SAM: `prepare` (CPU workers) -> `encode` (once per image) -> `region_tokens` per prompt."""
 
-    def __init__(self, sam: Sam, tokens: int = 1, autocast_dtype: torch.dtype | None = None):
-        super().__init__(autocast_dtype)
+    def __init__(self, sam: Sam, tokens: int = 1, precision: str = "fp32"):
+        super().__init__(precision)
         if tokens not in TOKEN_SLICES:
             raise ValueError(f"tokens must be 1 or 3, not {tokens}")
         self.sam = sam.eval().requires_grad_(False)
@@ -99,6 +111,9 @@ class SamRegionEncoder(FrozenEncoder):
         self.img_size = int(sam.image_encoder.img_size)
         self.transform = ResizeLongestSide(self.img_size)
         self.eval()
+
+    def hot_modules(self) -> dict[str, nn.Module]:
+        return {"SAM's image encoder": self.sam.image_encoder}
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> uint8 [3, h', w'], the longest side resized to SAM's input size (CPU)."""

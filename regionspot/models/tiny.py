@@ -1,4 +1,4 @@
-"""The `tiny` backbones: a small SAM and a small CLIP from the libraries' own classes, weights from a fixed seed.
+"""The `tiny` backbones: a small SAM and a small CLIP from the libraries' own classes, seeded weights.
 
 They make every stage runnable on a CPU in seconds (tests, quickstart, benchmarks' smoke runs). Both
 are built by the libraries' constructors, so the encoders treat them exactly like the released models;
@@ -73,31 +73,24 @@ def build_tiny_sam() -> nn.Module:
 
 
 def build_tiny_clip(image_size: int = TINY_CLIP_SIZE) -> nn.Module:
-    """A small CLIP from open_clip's own class: 64-px input, patch 8, two layers per tower, embed dim 64.
+    """A small CLIP from open_clip's own class: patch 8, two layers per tower, embed dim 64, input
+    `image_size`; weights from a fixed seed.
 
-    Weights from a fixed seed at 64 px; another size gets them with the position embeddings
-    interpolated (as for any CLIP run at a size it was not trained at).
+    The tiny CLIP's weights are the ones drawn at 64 px: models.clip.load_clip runs it at another size
+    with those, the position embeddings interpolated as for any CLIP (this builds the architecture).
     """
     import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, resize_pos_embed
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    def build(size: int) -> nn.Module:
-        return open_clip.CLIP(
+    with tiny_seed():
+        model = open_clip.CLIP(
             embed_dim=64,
             vision_cfg=CLIPVisionCfg(
-                layers=2, width=64, head_width=32, image_size=size, patch_size=TINY_CLIP_PATCH
+                layers=2, width=64, head_width=32, image_size=image_size, patch_size=TINY_CLIP_PATCH
             ),
             text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
             quick_gelu=True,
         )
-
-    with tiny_seed():
-        model = build(TINY_CLIP_SIZE)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(100.0))  # scores behave like released CLIPs: exp(logit_scale) = 100
-    if image_size != TINY_CLIP_SIZE:
-        state = model.state_dict()
-        model = build(image_size)
-        resize_pos_embed(state, model)
-        model.load_state_dict(state)
     return model.eval()
