@@ -4,11 +4,13 @@ weights load safely from files in the real formats, presets are checked before l
 import json
 import math
 import pickle
+import warnings
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from segment_anything import SamPredictor
 from segment_anything.build_sam import sam_model_registry
@@ -17,8 +19,10 @@ from torch import nn
 from regionspot.errors import RegionSpotError
 from regionspot.models.clip import ClipMapEncoder, is_torchscript, load_clip
 from regionspot.models.fingerprint import backbones_fingerprint
+from regionspot.models.frozen import CompiledForward, compile_forward, resolve_precision
 from regionspot.models.presets import list_presets, load_backbones, resolve_backbones
-from regionspot.models.sam import SamRegionEncoder, build_tiny_sam, load_sam
+from regionspot.models.sam import SamRegionEncoder, load_sam
+from regionspot.models.tiny import build_tiny_sam
 
 TINY_CONFIG = {  # an open_clip model config as small as tiny CLIP, to load weight files by model name
     "embed_dim": 64,
@@ -128,8 +132,8 @@ def assert_masks_match(rles, expected, size):
 
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_tiny_sam_tokens_equal_the_library_decoder(tiny, tokens):
-    sam = tiny.sam.sam
-    encoder = SamRegionEncoder(sam, tokens=tokens)
+    sam = build_tiny_sam()  # the same weights, segment_anything's own modules throughout
+    encoder = SamRegionEncoder(tiny.sam.sam, tokens=tokens)  # image encoder on the fast attention path
     imgs = [image(120, 200, 1), image(64, 64, 2), image(180, 90, 3)]
     boxes = [
         np.array([[10, 10, 100, 80], [0, 0, 200, 120], [150, 30, 199, 119.5]], np.float32),
@@ -158,7 +162,7 @@ def test_point_tokens_are_the_multimask_tokens(tiny):
     points = np.array([[20, 30], [80.5, 140]], np.float32)
     embeddings = tiny.sam.encode([tiny.sam.prepare(img)])
     out = tiny.sam.point_tokens(embeddings, [torch.from_numpy(points)], [img.shape[:2]], masks=True)[0]
-    token, iou, best = library_sam(tiny.sam.sam, img, points=points)[1][3]
+    token, iou, best = library_sam(build_tiny_sam(), img, points=points)[1][3]
     assert out.tokens.shape == (2, 3, 256)
     fp16_close(out.tokens, token)
     fp16_close(out.iou, iou)
@@ -216,22 +220,67 @@ def library_map(model, images):
 
 
 def test_tiny_clip_map_equals_open_clip_before_ln_post(tiny):
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
     clip = tiny.clip
     imgs = [image(120, 200, 9), image(64, 48, 10)]
     prepared = torch.stack([clip.prepare(im) for im in imgs])
-    for im, x in zip(imgs, prepared, strict=True):  # squashed to S x S (no crop), bilinear + antialias
-        raw = torch.from_numpy(im).permute(2, 0, 1).float() / 255
-        resized = TF.resize(raw, [64, 64], InterpolationMode.BILINEAR, antialias=True)
-        torch.testing.assert_close(x, TF.normalize(resized, clip._mean, clip._std), rtol=1e-5, atol=1e-5)
+    for im, x in zip(imgs, prepared, strict=True):  # squashed to S x S (no crop), bilinear, no antialias
+        torch.testing.assert_close(x, reference_clip_input(im, clip, antialias=False), rtol=1e-5, atol=1e-5)
     fmap = clip.feature_map(prepared)
     assert fmap.shape == (2, clip.num_tokens, clip.width) == (2, 65, 64) and fmap.dtype == torch.float32
     fp16_close(fmap, library_map(clip.model, prepared))
     emb = clip.image_embeddings(prepared)
     torch.testing.assert_close(emb, clip.model.encode_image(prepared, normalize=True))
     assert clip.logit_scale == pytest.approx(100.0, rel=1e-5)
+
+
+def reference_clip_input(im, clip, antialias: bool):
+    """The CLIP input as the official demo computes it: F.interpolate (bilinear) on the [0, 1] image
+    (torchvision's resize with the same antialias choice for the option), then CLIP's normalisation."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    raw = torch.from_numpy(im).permute(2, 0, 1).float() / 255
+    size = [clip.image_size, clip.image_size]
+    if antialias:
+        resized = TF.resize(raw, size, InterpolationMode.BILINEAR, antialias=True)
+    else:
+        resized = F.interpolate(raw[None], size=size, mode="bilinear", align_corners=False)[0]
+    return TF.normalize(resized, clip._mean, clip._std)
+
+
+def test_clip_antialias_is_the_option_and_changes_the_fingerprint(tiny):
+    antialiased = load_backbones(resolve_backbones("tiny", clip_antialias=True))
+    img = image(120, 200, 9)
+    x = antialiased.clip.prepare(img)
+    torch.testing.assert_close(
+        x, reference_clip_input(img, antialiased.clip, antialias=True), rtol=1e-5, atol=1e-5
+    )
+    assert (x - tiny.clip.prepare(img)).abs().max() > 0.05  # a 120 x 200 image squashed to 64 x 64
+    fp16_close(antialiased.clip.feature_map(x[None]), library_map(antialiased.clip.model, x[None]))
+    # the same weights and sizes, other stored features: sets differing only here are never mixed
+    assert antialiased.clip_sha256 == tiny.clip_sha256 and antialiased.fingerprint != tiny.fingerprint
+    assert backbones_fingerprint("a", "b", 1, 224) != backbones_fingerprint(
+        "a", "b", 1, 224, clip_antialias=True
+    )
+    assert (antialiased.info()["clip"]["antialias"], tiny.info()["clip"]["antialias"]) == (True, False)
+    # a uint8 [3, H, W] tensor (e.g. decoded on the device) is prepared where it is, the same way
+    tensor = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+    torch.testing.assert_close(antialiased.clip.prepare(tensor), x)
+    torch.testing.assert_close(tiny.clip.prepare(tensor), tiny.clip.prepare(img))
+    with pytest.raises(RegionSpotError, match="--clip-antialias"):
+        resolve_backbones("tiny", clip_antialias="yes")
+
+
+def test_clip_position_embeddings_are_interpolated_bicubic_without_antialias(tiny):
+    """Another CLIP size than the trained one: the official resize_pos_embed (bicubic, no antialias)."""
+    pos = tiny.clip.model.visual.positional_embedding  # (1 + 8 * 8, 64) at the trained 64 px
+    for size, grid in ((96, 12), (48, 6)):  # up and down
+        clip = load_backbones(resolve_backbones("tiny", clip_size=size)).clip
+        grid_in = pos[1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+        expected = F.interpolate(grid_in, size=(grid, grid), mode="bicubic", align_corners=False)
+        resized = clip.model.visual.positional_embedding
+        torch.testing.assert_close(resized[0], pos[0])  # class token kept
+        torch.testing.assert_close(resized[1:], expected[0].permute(1, 2, 0).reshape(grid * grid, -1))
 
 
 @pytest.mark.slow
@@ -501,8 +550,9 @@ def test_text_embeddings_of_two_names_by_hand(tiny):
 
 @pytest.mark.gpu
 def test_cuda_autocast_stays_close_to_the_cpu(tiny):
-    """On CUDA the encoders run under bf16 autocast and still return float32 close to the CPU's."""
+    """On CUDA the encoders run under fp16 autocast by default and still return float32 close to the CPU's."""
     gpu = load_backbones(resolve_backbones("tiny"), device="cuda")
+    assert gpu.info()["runtime"]["precision"] == "fp16" and tiny.info()["runtime"]["precision"] == "fp32"
     img, boxes = image(120, 200, 16), [torch.tensor([[10.0, 10, 100, 80], [0, 0, 200, 120]])]
     cpu_tokens = tiny.sam.region_tokens(tiny.sam.encode([tiny.sam.prepare(img)]), boxes, [img.shape[:2]])[0]
     out = gpu.sam.region_tokens(gpu.sam.encode([gpu.sam.prepare(img)]), boxes, [img.shape[:2]], masks=True)[0]
@@ -515,3 +565,92 @@ def test_cuda_autocast_stays_close_to_the_cpu(tiny):
     torch.testing.assert_close(
         gpu.clip.text_embeddings(["cat"]), tiny.clip.text_embeddings(["cat"]), rtol=0.05, atol=0.05
     )
+
+
+# --- precision and torch.compile ------------------------------------------------------------------
+
+
+def test_precision_defaults_by_device_and_is_recorded_not_fingerprinted(tiny):
+    assert (resolve_precision(None, "cuda"), resolve_precision(None, "cpu")) == ("fp16", "fp32")
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(RegionSpotError, match=r"--precision 'fp8': choose one of fp16, bf16, fp32"):
+        resolve_precision("fp8", "cpu")
+    assert tiny.info()["runtime"] == {"precision": "fp32", "sam_attention": "sdpa", "compile": False}
+    bf16 = load_backbones(resolve_backbones("tiny"), precision="bf16")
+    assert bf16.info()["runtime"]["precision"] == "bf16"
+    assert bf16.fingerprint == tiny.fingerprint  # features within float rounding: a runtime choice
+    img = image(120, 200, 16)
+    fmap = bf16.clip.feature_map(bf16.clip.prepare(img)[None])
+    expected = tiny.clip.feature_map(tiny.clip.prepare(img)[None])
+    assert fmap.dtype == torch.float32 and not torch.equal(fmap, expected)  # autocast ran, on the CPU too
+    torch.testing.assert_close(fmap, expected, rtol=0.05, atol=0.1)
+    embeddings = bf16.sam.encode([bf16.sam.prepare(img)])
+    torch.testing.assert_close(embeddings, tiny.sam.encode([tiny.sam.prepare(img)]), rtol=0.05, atol=0.1)
+
+
+def test_sam_attention_choice_keeps_weights_and_fingerprint(tiny):
+    library = load_backbones(resolve_backbones("tiny"), sam_attention="library")
+    assert library.info()["runtime"]["sam_attention"] == "library"
+    assert library.sam_sha256 == tiny.sam_sha256 and library.fingerprint == tiny.fingerprint
+    img = image(120, 200, 17)
+    torch.testing.assert_close(
+        tiny.sam.encode([tiny.sam.prepare(img)]),
+        library.sam.encode([library.sam.prepare(img)]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    with pytest.raises(RegionSpotError, match="--sam-attention 'flash': choose one of sdpa, library"):
+        load_sam("tiny", None, attention="flash")
+
+
+def test_compile_runs_the_compiled_forward_and_keeps_the_state_dict():
+    backbones = load_backbones(resolve_backbones("tiny"))
+    img = image(120, 200, 18)
+    sam_in, clip_in = backbones.sam.prepare(img), backbones.clip.prepare(img)[None]
+    eager = backbones.sam.encode([sam_in]), backbones.clip.feature_map(clip_in)
+    keys = backbones.sam.state_dict().keys(), backbones.clip.state_dict().keys()
+    for encoder in (backbones.sam, backbones.clip):
+        encoder.use_compile(backend="eager")  # dynamo's tracing without a C++ toolchain: fast on any CPU
+    assert isinstance(backbones.sam.sam.image_encoder.forward, CompiledForward)
+    assert isinstance(backbones.clip.model.visual.transformer.forward, CompiledForward)
+    assert (backbones.sam.state_dict().keys(), backbones.clip.state_dict().keys()) == keys
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # compiling worked: no fallback warning
+        compiled = backbones.sam.encode([sam_in]), backbones.clip.feature_map(clip_in)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_failure_falls_back_with_one_warning(tiny, monkeypatch):
+    calls = []
+
+    def broken_compile(fn, **options):
+        def run(*args, **kwargs):
+            calls.append(options)
+            raise RuntimeError("inductor: no working C++ compiler\nmore detail")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    backbones = load_backbones(resolve_backbones("tiny"), compile=True)
+    assert backbones.info()["runtime"]["compile"] is True
+    img = image(120, 200, 19)
+    with pytest.warns(
+        RuntimeWarning, match=r"torch.compile failed for SAM's image encoder .*no working C\+\+"
+    ):
+        first = backbones.sam.encode([backbones.sam.prepare(img)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the SAM fallback is for good: no second warning, no second try
+        again = backbones.sam.encode([backbones.sam.prepare(img)])
+    assert len(calls) == 1
+    torch.testing.assert_close(first, again)
+    torch.testing.assert_close(first, tiny.sam.encode([tiny.sam.prepare(img)]))
+    with pytest.warns(RuntimeWarning, match="CLIP's visual transformer"):
+        backbones.clip.feature_map(backbones.clip.prepare(img)[None])
+
+    def refused(fn, **options):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", refused)
+    with pytest.warns(RuntimeWarning, match="Dynamo is not supported"):
+        compile_forward(nn.Linear(2, 2), "a layer")

@@ -14,6 +14,7 @@ from regionspot.models.checkpoint import (
     convert_official,
     head_file_metadata,
     load_head,
+    read_official_head,
     resolve_checkpoint,
     save_head,
     write_last,
@@ -178,7 +179,7 @@ def _official_checkpoint(tmp_path, name="regionspot_bl.pth", **extra):
 
 def test_official_checkpoint_gives_the_official_logits(tmp_path):
     official, path = _official_checkpoint(tmp_path, iteration=7)
-    head = RegionSpotHead.from_official_checkpoint(path).eval()
+    head = read_official_head(path).eval()
     assert head.config() == {
         "clip_width": C,
         "embed_dim": D,
@@ -208,7 +209,7 @@ def test_official_checkpoint_gives_the_official_logits(tmp_path):
 
 def test_official_checkpoint_with_numpy_trainer_state_loads_and_code_objects_are_refused(tmp_path):
     official, path = _official_checkpoint(tmp_path, trainer={"iter": np.int64(5), "hist": np.zeros(3)})
-    head = RegionSpotHead.from_official_checkpoint(path)
+    head = read_official_head(path)
     torch.testing.assert_close(head.to_clip.weight, official.model.to_clip.weight)
     _official_checkpoint(tmp_path, name="pickled.pth", trainer={"obj": _Unsafe()})
     with pytest.raises(RegionSpotError, match=r"holds Python objects.*_Unsafe.*weights only"):
@@ -225,7 +226,7 @@ def test_official_checkpoint_missing_keys_are_named(tmp_path):
     del state["model.decoder.norm.bias"]
     torch.save({"model": state}, tmp_path / "broken.pth")
     with pytest.raises(RegionSpotError, match=r"2 head weight.*model\.decoder\.layers\.1\.linear2\.weight"):
-        RegionSpotHead.from_official_checkpoint(tmp_path / "broken.pth")
+        read_official_head(tmp_path / "broken.pth")
     torch.save({"model": {"model.backbone.x": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(RegionSpotError, match="not a RegionSpot checkpoint"):
         load_head(tmp_path / "other.pth")

@@ -23,11 +23,12 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from regionspot.errors import RegionSpotError
-from regionspot.models.head import RegionSpotHead
+from regionspot.models.head import OFFICIAL_PREFIX, RegionSpotHead
 
 HEAD_FILE = "head.safetensors"
 LAST = "last"
@@ -115,6 +116,130 @@ def head_file_metadata(path: Path | str) -> dict:
         raise RegionSpotError(f"checkpoint {file}: not a readable safetensors file ({e})") from e
 
 
+# --- the checkpoints released with the paper ---------------------------------------------------------
+# An official RegionSpot `.pth` is a detectron2 checkpoint: ckpt["model"] holds the head under
+# `model.to_clip/decoder/projector` beside frozen `model.sam.*` / `model.clip_model.*` weights (skipped).
+
+OFFICIAL_LOGIT_SCALE = 100.0  # exp of OpenAI CLIP's logit_scale; the released heads were trained with it
+_HEAD_PARTS = ("to_clip", "decoder", "projector")
+# numpy globals that pickled numpy scalars/arrays need; they only rebuild arrays (no code runs).
+_NUMPY_GLOBALS = (
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.ndarray",
+    "numpy.dtype",
+)
+
+
+def read_official_head(path: str | Path) -> RegionSpotHead:
+    """The head of an official RegionSpot `.pth` (regionspot_bb.pth, regionspot_bl.pth, ...).
+
+    The file is read with `torch.load(weights_only=True)`: tensors and plain containers only, never
+    code. Dimensions come from the tensor shapes; the logit scale is 100 (the OpenAI CLIPs the paper used).
+    Raises RegionSpotError for a missing/unreadable file or missing head weights.
+    """
+    return official_head_from_state_dict(read_official_checkpoint(path), str(path))
+
+
+def official_head_from_state_dict(state: dict, source: str = "checkpoint") -> RegionSpotHead:
+    """Build the head from an official state dict (keys `model.to_clip.weight`, ...)."""
+    ours = {
+        k[len(OFFICIAL_PREFIX) :]: v
+        for k, v in state.items()
+        if isinstance(k, str)
+        and k.startswith(OFFICIAL_PREFIX)
+        and k[len(OFFICIAL_PREFIX) :].split(".")[0] in _HEAD_PARTS
+    }
+    if "to_clip.weight" not in ours or not any(k.startswith("decoder.layers.") for k in ours):
+        raise RegionSpotError(
+            f"{source} is not a RegionSpot checkpoint: no {OFFICIAL_PREFIX}to_clip / "
+            f"{OFFICIAL_PREFIX}decoder.layers.* weights; pass an official regionspot_*.pth"
+        )
+    clip_width, sam_dim = ours["to_clip.weight"].shape
+    embed_dim = ours["projector.weight"].shape[0] if "projector.weight" in ours else clip_width
+    layers = 1 + max(int(k.split(".")[2]) for k in ours if k.startswith("decoder.layers."))
+    ff = ours.get("decoder.layers.0.linear1.weight")
+    head = RegionSpotHead(
+        clip_width,
+        embed_dim,
+        sam_dim=sam_dim,
+        num_layers=layers,
+        ff_dim=ff.shape[0] if ff is not None else 2048,
+        logit_scale=OFFICIAL_LOGIT_SCALE,
+    )
+    expected = head.state_dict()
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        shown = ", ".join(OFFICIAL_PREFIX + m for m in missing[:6])
+        more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        raise RegionSpotError(
+            f"{source}: {len(missing)} head weight(s) missing: {shown}{more}; the file is incomplete "
+            "or not an official RegionSpot checkpoint"
+        )
+    wrong = [k for k, v in expected.items() if tuple(ours[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise RegionSpotError(
+            f"{source}: {OFFICIAL_PREFIX}{wrong[0]} has shape {list(ours[wrong[0]].shape)}, expected "
+            f"{list(expected[wrong[0]].shape)} for a head of width {clip_width}"
+        )
+    head.load_state_dict({k: ours[k].float() for k in expected})
+    return head
+
+
+def read_official_checkpoint(path: str | Path) -> dict:
+    """The `model` state dict of an official RegionSpot `.pth`, read without unpickling code.
+
+    detectron2 checkpoints may also hold numpy arrays/scalars (trainer state); those are allowed as
+    data. Any other object (a class the file would have to import) is refused with its name, and the
+    message says how to strip it where the file is trusted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RegionSpotError(
+            f"checkpoint {path}: no such file; pass an official RegionSpot .pth (regionspot_bl.pth, ...)"
+        )
+    allowed = []
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip checkpoint (legacy format): torch.load below says what it is
+        unsafe = []
+    refused = [g for g in unsafe if g not in _NUMPY_GLOBALS and not g.startswith("numpy.dtypes.")]
+    if refused:
+        raise RegionSpotError(
+            f"checkpoint {path} holds Python objects that loading would have to import ({', '.join(refused[:4])}); "
+            "regionspot reads weights only. Where you trust the file, re-save just its 'model' dict of tensors "
+            "(the official tools/re_save_ckpt.py does this) and pass that file"
+        )
+    if unsafe:
+        import importlib
+
+        import numpy as np
+
+        for name in unsafe:
+            module, _, attr = name.rpartition(".")
+            try:
+                allowed.append(getattr(importlib.import_module(module), attr))
+            except (ImportError, AttributeError):
+                pass
+        # pickled dtypes name their class (numpy.dtypes.Float64DType, ...) only inside the reduce call
+        allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RegionSpotError(
+            f"checkpoint {path}: cannot be read as a weights-only torch file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]})"
+        ) from e
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        return ckpt["model"]
+    if isinstance(ckpt, dict):  # a bare state dict (e.g. re-saved without the "model" wrapper)
+        return ckpt
+    raise RegionSpotError(f"checkpoint {path}: holds a {type(ckpt).__name__}, not a RegionSpot state dict")
+
+
 def load_head(
     path: Path | str, fingerprint_if_imported: str | None = None
 ) -> tuple[RegionSpotHead, str | None, bool]:
@@ -130,7 +255,7 @@ def load_head(
     """
     file = resolve_checkpoint(path)
     if file.suffix != ".safetensors":
-        head = RegionSpotHead.from_official_checkpoint(file)
+        head = read_official_head(file)
         return head.eval(), fingerprint_if_imported, True
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -166,7 +291,7 @@ def convert_official(path: Path | str, out: Path | str, fingerprint: str | None 
     The head is marked imported; without `fingerprint` it takes the backbones' fingerprint of
     whichever command loads it (as the .pth itself would).
     """
-    head = RegionSpotHead.from_official_checkpoint(path)
+    head = read_official_head(path)
     save_head(head, out, fingerprint or "", {"imported": True, "source": Path(path).name})
     return Path(out)
 

@@ -8,7 +8,6 @@ embeddings are the mean of 81 prompt templates' raw embeddings, L2-normalised.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -20,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from regionspot.errors import RegionSpotError
-from regionspot.models.fingerprint import tiny_seed
+from regionspot.models.frozen import FrozenEncoder, first_line
+from regionspot.models.tiny import build_tiny_clip
 
 TEMPLATES_NAME = "{}. + openai-imagenet-80"
-TINY_CLIP_SIZE = 64
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # = open_clip.constants.OPENAI_DATASET_MEAN / _STD
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -47,35 +46,6 @@ def is_torchscript(path: str | Path) -> bool:
         return any(name.split("/")[-1] == "constants.pkl" for name in z.namelist())
 
 
-def build_tiny_clip(image_size: int = TINY_CLIP_SIZE) -> nn.Module:
-    """A small CLIP from open_clip's own class: 64-px input, patch 8, two layers per tower, embed dim 64.
-
-    Weights from a fixed seed at 64 px; another size gets them with the position embeddings
-    interpolated (as for any CLIP run at a size it was not trained at).
-    """
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, resize_pos_embed
-
-    def build(size: int) -> nn.Module:
-        return open_clip.CLIP(
-            embed_dim=64,
-            vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, image_size=size, patch_size=8),
-            text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
-            quick_gelu=True,
-        )
-
-    with tiny_seed():
-        model = build(TINY_CLIP_SIZE)
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(100.0))  # scores behave like released CLIPs: exp(logit_scale) = 100
-    if image_size != TINY_CLIP_SIZE:
-        state = model.state_dict()
-        model = build(image_size)
-        resize_pos_embed(state, model)
-        model.load_state_dict(state)
-    return model.eval()
-
-
 @contextmanager
 def _quiet_random_init():
     """Drop open_clip's "initialized randomly" warning while building an architecture we fill ourselves."""
@@ -92,19 +62,9 @@ def _quiet_random_init():
         root.removeFilter(drop)
 
 
-def _first_line(e: Exception, limit: int = 200) -> str:
-    """The informative line of an exception (a state-dict error's first mismatch), shortened."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
-        lines = lines[1:]
-    line = lines[0] if lines else type(e).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _load_torchscript(name: str, path: Path, image_size: int) -> nn.Module:
-    """OpenAI's TorchScript archive -> `name`'s architecture at `image_size` (strict, pos-embeds resized)."""
+def _read_torchscript(name: str, path: Path) -> dict:
+    """The state dict in OpenAI's TorchScript archive `path` (float32), for `name`'s architecture."""
     import open_clip
-    from open_clip.model import resize_pos_embed
 
     if not (open_clip.get_model_config(name) or {}).get("quick_gelu", False):
         hint = f"{name}-quickgelu" if f"{name}-quickgelu" in open_clip.list_models() else "a -quickgelu model"
@@ -113,26 +73,41 @@ def _load_torchscript(name: str, path: Path, image_size: int) -> nn.Module:
             f"and {name} uses GELU; use --clip {hint}"
         )
     try:
-        state = open_clip.load_openai_model(str(path), precision="fp32", device="cpu").state_dict()
+        return open_clip.load_openai_model(str(path), precision="fp32", device="cpu").state_dict()
     except Exception as e:
         raise RegionSpotError(
-            f"--clip-pretrained {path}: cannot read the TorchScript archive ({_first_line(e)})"
+            f"--clip-pretrained {path}: cannot read the TorchScript archive ({first_line(e)})"
         ) from e
+
+
+def _architecture(name: str, image_size: int) -> nn.Module:
+    """open_clip's `name` at `image_size`, weights left for the caller to fill."""
+    import open_clip
+
     with _quiet_random_init():
-        model = open_clip.create_model(name, pretrained=None, force_image_size=image_size, device="cpu")
-    resize_pos_embed(state, model)  # a no-op at the size the weights were trained at
+        return open_clip.create_model(name, pretrained=None, force_image_size=image_size, device="cpu")
+
+
+def _load_into(model: nn.Module, state: dict, source: str, name: str) -> nn.Module:
+    """`state` (weights at the size they were trained at) loaded strictly into `model` (built at the
+    wanted size). Position embeddings of another grid are interpolated as the official RegionSpot code
+    does: bicubic without antialias (open_clip's default antialiases, which changes them even when
+    upsampling); at the trained size they are kept as they are."""
+    from open_clip.model import resize_pos_embed
+
+    resize_pos_embed(state, model, interpolation="bicubic", antialias=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise RegionSpotError(
-            f"--clip-pretrained {path} does not hold {name} weights ({_first_line(e)}); "
-            "pick the matching --clip"
+            f"{source} does not hold {name} weights ({first_line(e)}); pick the matching --clip"
         ) from e
     return model
 
 
-def _create(name: str, pretrained: str, image_size: int) -> nn.Module:
-    """An open_clip tag or state-dict file (.bin, .safetensors, .pt) through create_model, weights_only."""
+def _create(name: str, pretrained: str) -> nn.Module:
+    """An open_clip tag or state-dict file (.bin, .safetensors, .pt) through create_model, weights_only,
+    at the size the weights were trained at."""
     import open_clip
 
     is_file = Path(pretrained).is_file()
@@ -143,7 +118,6 @@ def _create(name: str, pretrained: str, image_size: int) -> nn.Module:
             return open_clip.create_model(
                 name,
                 pretrained=pretrained,
-                force_image_size=image_size,
                 weights_only=True,
                 device="cpu",
                 precision="fp32",
@@ -156,13 +130,13 @@ def _create(name: str, pretrained: str, image_size: int) -> nn.Module:
     except Exception as e:
         if not is_file and "download" in str(e).lower():
             raise RegionSpotError(
-                f"--clip-pretrained {pretrained}: cannot download the {name} weights ({_first_line(e)}); "
+                f"--clip-pretrained {pretrained}: cannot download the {name} weights ({first_line(e)}); "
                 "without network access pass a local file: --clip-pretrained PATH "
                 "(OpenAI's .pt, or open_clip's .bin / .safetensors)"
             ) from e
         what = "does not hold" if "state_dict" in str(e) else "cannot load"
         raise RegionSpotError(
-            f"--clip-pretrained {pretrained}: {what} {name} weights ({_first_line(e)}); "
+            f"--clip-pretrained {pretrained}: {what} {name} weights ({first_line(e)}); "
             "pass a state dict (.bin, .safetensors, .pt) or an OpenAI TorchScript .pt of this --clip model"
         ) from e
 
@@ -176,19 +150,30 @@ def load_clip(name: str, pretrained: str | None, image_size: int):
     import open_clip
 
     if name == "tiny":
-        return build_tiny_clip(image_size), open_clip.SimpleTokenizer(), OPENAI_MEAN, OPENAI_STD
+        model = build_tiny_clip()
+        if model.visual.image_size != (image_size, image_size):
+            model = _load_into(build_tiny_clip(image_size), model.state_dict(), "--clip tiny", name)
+        return model.eval(), open_clip.SimpleTokenizer(), OPENAI_MEAN, OPENAI_STD
     path = Path(pretrained)
+    source = f"--clip-pretrained {pretrained}"
     if path.is_file() and is_torchscript(path):
-        model = _load_torchscript(name, path, image_size)
+        model = _load_into(_architecture(name, image_size), _read_torchscript(name, path), source, name)
     else:
-        model = _create(name, pretrained, image_size)
+        model = _create(name, pretrained)
+        if tuple(model.visual.image_size) != (image_size, image_size):
+            model = _load_into(_architecture(name, image_size), model.state_dict(), source, name)
     preprocess = open_clip.get_model_preprocess_cfg(model)
     tokenizer = open_clip.get_tokenizer(name)
     return model.eval(), tokenizer, preprocess.get("mean", OPENAI_MEAN), preprocess.get("std", OPENAI_STD)
 
 
-class ClipMapEncoder(nn.Module):
-    """Frozen CLIP: `prepare` (CPU workers) -> `feature_map`; `text_embeddings` for a vocabulary."""
+class ClipMapEncoder(FrozenEncoder):
+    """Frozen CLIP: `prepare` (CPU workers or the device) -> `feature_map`; `text_embeddings` of a vocabulary.
+
+    `antialias`: whether the S x S resize antialiases. The official pipeline resized with the torchvision
+    of its time, which did not antialias tensors (its demo calls F.interpolate, bilinear): the default.
+    True changes the stored features and so the backbones fingerprint.
+    """
 
     def __init__(
         self,
@@ -197,9 +182,11 @@ class ClipMapEncoder(nn.Module):
         image_size: int,
         mean=OPENAI_MEAN,
         std=OPENAI_STD,
-        autocast_dtype: torch.dtype | None = None,
+        precision: str = "fp32",
+        antialias: bool = False,
     ):
-        super().__init__()
+        super().__init__(precision)
+        self.antialias = bool(antialias)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
@@ -214,33 +201,26 @@ class ClipMapEncoder(nn.Module):
         self.num_tokens = 1 + (self.image_size // self.patch_size) ** 2
         self.embed_dim = int(visual.output_dim)
         self.logit_scale = float(model.logit_scale.detach().exp().item())
-        self.autocast_dtype = autocast_dtype
         self.eval()
 
-    def train(self, mode: bool = True):
-        """Frozen: always in eval mode, whatever a caller asks."""
-        return super().train(False)
+    def hot_modules(self) -> dict[str, nn.Module]:
+        return {"CLIP's visual transformer": self.model.visual.transformer}
 
-    @property
-    def device(self) -> torch.device:
-        return self.mean.device
-
-    def _autocast(self):
-        enabled = self.device.type == "cuda" and self.autocast_dtype is not None
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
-
-    def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """HxWx3 uint8 RGB -> float32 [3, S, S]: squashed to S x S (bilinear, antialias), normalised (CPU)."""
-        x = torch.tensor(image).permute(2, 0, 1).float().div_(255)  # a copy: decoded arrays may be read-only
+    def prepare(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """HxWx3 uint8 RGB array, or uint8 [3, H, W] tensor on any device -> float32 [3, S, S] where the
+        input is: squashed to S x S (bilinear, antialiased only if `antialias`), normalised."""
+        if isinstance(image, np.ndarray):
+            image = torch.tensor(image).permute(2, 0, 1)  # a copy: decoded arrays may be read-only
         x = F.interpolate(
-            x[None],
+            image[None].float().div(255),
             size=(self.image_size, self.image_size),
             mode="bilinear",
-            antialias=True,
+            antialias=self.antialias,
             align_corners=False,
         )[0]  # (3, S, S)
-        mean = torch.tensor(self._mean).view(3, 1, 1)
-        std = torch.tensor(self._std).view(3, 1, 1)
+        # the constants, not the buffers: CPU workers must not touch the device the encoder is on
+        mean = torch.tensor(self._mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self._std, device=x.device).view(3, 1, 1)
         return (x - mean) / std
 
     @torch.inference_mode()

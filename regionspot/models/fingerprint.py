@@ -1,30 +1,16 @@
-"""What makes two sets of backbone weights the same (DESIGN.md §4), and the fixed seed of `tiny`.
+"""What makes two sets of backbone weights the same (DESIGN.md §4).
 
-The fingerprint hashes the weights as loaded (not the tag or path they came from), the token choice
-and the CLIP input size: shards, checkpoints and predictions agree exactly when it does.
+The fingerprint hashes the weights as loaded (not the tag or path they came from), the token choice,
+the CLIP input size and its resize's antialias: shards, checkpoints and predictions agree exactly when
+it does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-
-TINY_SEED = 20231102
-
-
-@contextmanager
-def tiny_seed(seed: int = TINY_SEED) -> Iterator[None]:
-    """Seed torch's CPU generator for building a `tiny` model, restoring the caller's random state after.
-
-    Every stage that names `tiny` gets bit-identical weights, whatever it drew from the global RNG before.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def state_sha256(module: torch.nn.Module) -> str:
@@ -40,10 +26,19 @@ def state_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def backbones_fingerprint(sam_sha256: str, clip_sha256: str, sam_tokens: int, clip_size: int) -> str:
-    """The backbones' identity: both weight hashes, the SAM token choice and the CLIP input size."""
+def backbones_fingerprint(
+    sam_sha256: str, clip_sha256: str, sam_tokens: int, clip_size: int, clip_antialias: bool = False
+) -> str:
+    """The backbones' identity: both weight hashes, the SAM token choice, the CLIP input size and
+    whether its resize antialiases (the choices that change the stored features beyond float rounding)."""
     key = json.dumps(
-        {"sam": sam_sha256, "clip": clip_sha256, "sam_tokens": int(sam_tokens), "clip_size": int(clip_size)},
+        {
+            "sam": sam_sha256,
+            "clip": clip_sha256,
+            "sam_tokens": int(sam_tokens),
+            "clip_size": int(clip_size),
+            "clip_antialias": bool(clip_antialias),
+        },
         sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()

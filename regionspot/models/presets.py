@@ -14,14 +14,10 @@ import torch
 
 from regionspot.errors import RegionSpotError
 from regionspot.models.fingerprint import backbones_fingerprint, state_sha256
+from regionspot.models.frozen import resolve_precision
+from regionspot.models.tiny import TINY_CLIP_PATCH, TINY_CLIP_SIZE
 
 SAM_MODELS = ("vit_b", "vit_l", "vit_h", "tiny")
-SAM_CHECKPOINTS = {
-    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-}
-TINY_CLIP_PATCH = 8
 CLIP_EXAMPLES = "ViT-B-16-quickgelu, ViT-L-14-quickgelu, ViT-L-14-336-quickgelu"
 
 
@@ -35,13 +31,14 @@ class BackboneSpec:
     clip_pretrained: str | None  # an open_clip tag (openai) or a weights file (not for tiny)
     clip_size: int  # CLIP input size S (multiple of the patch size)
     sam_tokens: int = 1  # 1: the single-mask token; 3: the three multimask tokens
+    clip_antialias: bool = False  # antialias CLIP's S x S resize (the official pipeline did not)
 
 
 PRESETS: dict[str, BackboneSpec] = {
     "bb": BackboneSpec("vit_b", None, "ViT-B-16-quickgelu", "openai", 224),
     "bl": BackboneSpec("vit_b", None, "ViT-L-14-quickgelu", "openai", 224),
     "bl336": BackboneSpec("vit_b", None, "ViT-L-14-336-quickgelu", "openai", 336),
-    "tiny": BackboneSpec("tiny", None, "tiny", None, 64),
+    "tiny": BackboneSpec("tiny", None, "tiny", None, TINY_CLIP_SIZE),
 }
 
 
@@ -76,6 +73,8 @@ def resolve_backbones(preset: str = "bl", **overrides) -> BackboneSpec:
 
 
 def _sam_problems(spec: BackboneSpec) -> list[str]:
+    from regionspot.models.sam import SAM_CHECKPOINTS  # here: checking flags need not load segment_anything
+
     problems = []
     if spec.sam not in SAM_MODELS:
         problems.append(f"--sam {spec.sam!r}: unknown SAM; choose one of {', '.join(SAM_MODELS)}")
@@ -123,6 +122,8 @@ def _clip_problems(spec: BackboneSpec) -> list[str]:
             return problems
         patch = int(vision["patch_size"])
         problems += _pretrained_problems(spec, config)
+    if not isinstance(spec.clip_antialias, bool):
+        problems.append(f"--clip-antialias {spec.clip_antialias!r}: a flag (true or false)")
     if not isinstance(spec.clip_size, int) or spec.clip_size <= 0 or spec.clip_size % patch:
         problems.append(
             f"--clip-size {spec.clip_size}: must be a positive multiple of {spec.clip}'s patch size {patch}"
@@ -162,7 +163,7 @@ def _pretrained_problems(spec: BackboneSpec, config: dict) -> list[str]:
 
 @dataclass
 class Backbones:
-    """The loaded frozen pair and what identifies it."""
+    """The loaded frozen pair, what identifies it, and how it runs."""
 
     sam: object  # models.sam.SamRegionEncoder
     clip: object  # models.clip.ClipMapEncoder
@@ -170,9 +171,12 @@ class Backbones:
     fingerprint: str
     sam_sha256: str
     clip_sha256: str
+    sam_attention: str = "sdpa"
+    compiled: bool = False
 
     def info(self) -> dict:
-        """The manifest's "backbones" section (DESIGN.md §4)."""
+        """The manifest's "backbones" section (DESIGN.md §4): what the features are ("sam", "clip",
+        "fingerprint") and how they were computed ("runtime": not in the fingerprint)."""
         return {
             "sam": {
                 "model": self.spec.sam,
@@ -184,9 +188,15 @@ class Backbones:
                 "pretrained": self.spec.clip_pretrained,
                 "weights_sha256": self.clip_sha256,
                 "image_size": self.clip.image_size,
+                "antialias": self.spec.clip_antialias,
                 "width": self.clip.width,
                 "embed_dim": self.clip.embed_dim,
                 "logit_scale": self.clip.logit_scale,
+            },
+            "runtime": {
+                "precision": self.sam.precision,
+                "sam_attention": self.sam_attention,
+                "compile": self.compiled,
             },
             "fingerprint": self.fingerprint,
         }
@@ -195,20 +205,39 @@ class Backbones:
 def load_backbones(
     spec: BackboneSpec,
     device: str | torch.device = "cpu",
-    autocast_dtype: torch.dtype | None = torch.bfloat16,
+    precision: str | None = None,
+    sam_attention: str = "sdpa",
+    compile: bool = False,
 ) -> Backbones:
     """Load the frozen SAM and CLIP of a resolved `spec` onto `device`.
 
-    Weights are hashed on the CPU as loaded (before any move or cast); `autocast_dtype` applies on
-    CUDA only (None: float32 there too); on the CPU the encoders run in float32.
+    Args:
+        spec: from resolve_backbones.
+        device: where the encoders run.
+        precision: fp16, bf16 (autocast) or fp32; None: fp16 on CUDA, fp32 on the CPU (models/frozen.py).
+        sam_attention: "sdpa" (the fast path, models/sam_attention.py) or "library".
+        compile: run the encoders' hot modules through torch.compile; a failure warns, then runs eagerly.
+    Weights are hashed on the CPU as loaded, before any move, cast or compile. The fingerprint covers
+    what changes the features (weights, token choice, CLIP size and antialias); precision, attention
+    kernel and compile only move them within float rounding, so they are recorded under "runtime" in
+    `info()` and leave the fingerprint alone: features computed in fp16 on a GPU and in fp32 on a CPU
+    are the same features, and a head trained on one serves the other.
     """
     from regionspot.models.clip import ClipMapEncoder, load_clip
     from regionspot.models.sam import SamRegionEncoder, load_sam
 
-    sam_model = load_sam(spec.sam, spec.sam_checkpoint)
+    precision = resolve_precision(precision, device)
+    sam_model = load_sam(spec.sam, spec.sam_checkpoint, sam_attention)
     clip_model, tokenizer, mean, std = load_clip(spec.clip, spec.clip_pretrained, spec.clip_size)
     sam_sha, clip_sha = state_sha256(sam_model), state_sha256(clip_model)
-    sam = SamRegionEncoder(sam_model, spec.sam_tokens, autocast_dtype).to(device)
-    clip = ClipMapEncoder(clip_model, tokenizer, spec.clip_size, mean, std, autocast_dtype).to(device)
-    fingerprint = backbones_fingerprint(sam_sha, clip_sha, spec.sam_tokens, spec.clip_size)
-    return Backbones(sam, clip, spec, fingerprint, sam_sha, clip_sha)
+    sam = SamRegionEncoder(sam_model, spec.sam_tokens, precision).to(device)
+    clip = ClipMapEncoder(
+        clip_model, tokenizer, spec.clip_size, mean, std, precision, antialias=spec.clip_antialias
+    ).to(device)
+    if compile:
+        sam.use_compile()
+        clip.use_compile()
+    fingerprint = backbones_fingerprint(
+        sam_sha, clip_sha, spec.sam_tokens, spec.clip_size, clip_antialias=spec.clip_antialias
+    )
+    return Backbones(sam, clip, spec, fingerprint, sam_sha, clip_sha, sam_attention, compile)

@@ -9,74 +9,51 @@ transformer together, a chunk at a time; masks are upsampled only when asked for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from segment_anything.build_sam import sam_model_registry
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from regionspot.errors import RegionSpotError
-from regionspot.models.fingerprint import tiny_seed
+from regionspot.models.frozen import FrozenEncoder, first_line
+from regionspot.models.sam_attention import SAM_ATTENTION, use_fast_attention
+from regionspot.models.tiny import build_tiny_sam
 
 # The decoder's output tokens are [iou, mask 0 (single mask), mask 1..3 (multimask), prompt tokens...];
 # its IoU head predicts one score per mask token.
 TOKEN_SLICES = {1: slice(1, 2), 3: slice(2, 5)}
 IOU_SLICES = {1: slice(0, 1), 3: slice(1, 4)}
 MASK_INDEX_OFFSET = {1: 0, 3: 1}  # hypernetwork MLP index of a token slice's first token
+SAM_CHECKPOINTS = {
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+}
 
 
-def build_tiny_sam() -> Sam:
-    """A small SAM from segment_anything's own classes: 256-px input, a 2-block encoder of width 64,
-    the full prompt encoder and mask decoder (transformer_dim 256). Weights from a fixed seed."""
-    img_size, patch = 256, 16
-    with tiny_seed():
-        sam = Sam(
-            image_encoder=ImageEncoderViT(
-                img_size=img_size,
-                patch_size=patch,
-                embed_dim=64,
-                depth=2,
-                num_heads=2,
-                mlp_ratio=4,
-                out_chans=256,
-                qkv_bias=True,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                use_rel_pos=True,
-                window_size=4,
-                global_attn_indexes=(1,),
-            ),
-            prompt_encoder=PromptEncoder(
-                embed_dim=256,
-                image_embedding_size=(img_size // patch, img_size // patch),
-                input_image_size=(img_size, img_size),
-                mask_in_chans=16,
-            ),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=256, num_heads=8),
-                transformer_dim=256,
-                iou_head_depth=3,
-                iou_head_hidden_dim=256,
-            ),
-        )
-    return sam.eval()
-
-
-def load_sam(variant: str, checkpoint: str | Path | None) -> Sam:
+def load_sam(variant: str, checkpoint: str | Path | None, attention: str = "sdpa") -> Sam:
     """SAM `variant` (vit_b, vit_l, vit_h: the library's builders; tiny) with weights loaded safely.
 
     segment_anything's builders unpickle a checkpoint with a plain torch.load, so they build the
     architecture only and the weights are read here with weights_only=True.
+    `attention`: "sdpa" runs the image encoder's attention on F.scaled_dot_product_attention
+    (models/sam_attention.py; equal to the library's within float rounding, same state dict);
+    "library" keeps segment_anything's own modules.
     """
-    from regionspot.models.presets import SAM_CHECKPOINTS
+    if attention not in SAM_ATTENTION:
+        raise RegionSpotError(f"--sam-attention {attention!r}: choose one of {', '.join(SAM_ATTENTION)}")
+    sam = build_tiny_sam() if variant == "tiny" else _read_sam(variant, checkpoint)
+    if attention == "sdpa":
+        use_fast_attention(sam.image_encoder)
+    return sam
 
-    if variant == "tiny":
-        return build_tiny_sam()
+
+def _read_sam(variant: str, checkpoint: str | Path | None) -> Sam:
     if checkpoint is None or not Path(checkpoint).is_file():
         raise RegionSpotError(
             f"--sam-checkpoint {checkpoint}: no such file; download SAM {variant} weights from "
@@ -86,7 +63,7 @@ def load_sam(variant: str, checkpoint: str | Path | None) -> Sam:
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = _first_line(e)
+        reason = first_line(e)
         raise RegionSpotError(
             f"--sam-checkpoint {checkpoint}: not a SAM state dict readable with weights_only=True ({reason}); "
             f"official weights: {SAM_CHECKPOINTS[variant]}"
@@ -99,19 +76,10 @@ def load_sam(variant: str, checkpoint: str | Path | None) -> Sam:
         sam.load_state_dict(state)
     except RuntimeError as e:
         raise RegionSpotError(
-            f"--sam-checkpoint {checkpoint} does not hold SAM {variant} weights ({_first_line(e)}); "
+            f"--sam-checkpoint {checkpoint} does not hold SAM {variant} weights ({first_line(e)}); "
             "pick the matching --sam (vit_b, vit_l, vit_h)"
         ) from e
     return sam.eval()
-
-
-def _first_line(e: Exception, limit: int = 200) -> str:
-    """The informative line of an exception (a state-dict error's first mismatch), shortened."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
-        lines = lines[1:]
-    line = lines[0] if lines else type(e).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 @dataclass
@@ -131,31 +99,21 @@ def encode_rle(masks: np.ndarray) -> list[dict]:
     return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
-class SamRegionEncoder(nn.Module):
+class SamRegionEncoder(FrozenEncoder):
     """Frozen SAM: `prepare` (CPU workers) -> `encode` (once per image) -> `region_tokens` per prompt."""
 
-    def __init__(self, sam: Sam, tokens: int = 1, autocast_dtype: torch.dtype | None = None):
-        super().__init__()
+    def __init__(self, sam: Sam, tokens: int = 1, precision: str = "fp32"):
+        super().__init__(precision)
         if tokens not in TOKEN_SLICES:
             raise ValueError(f"tokens must be 1 or 3, not {tokens}")
         self.sam = sam.eval().requires_grad_(False)
         self.tokens = tokens
         self.img_size = int(sam.image_encoder.img_size)
         self.transform = ResizeLongestSide(self.img_size)
-        self.autocast_dtype = autocast_dtype
         self.eval()
 
-    def train(self, mode: bool = True):
-        """Frozen: always in eval mode, whatever a caller asks."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.sam.pixel_mean.device
-
-    def _autocast(self):
-        enabled = self.device.type == "cuda" and self.autocast_dtype is not None
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
+    def hot_modules(self) -> dict[str, nn.Module]:
+        return {"SAM's image encoder": self.sam.image_encoder}
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> uint8 [3, h', w'], the longest side resized to SAM's input size (CPU)."""
@@ -192,20 +150,9 @@ class SamRegionEncoder(nn.Module):
             chunk: prompts per decoder call (bounds memory).
         Returns: per image, RegionTokens with tokens [Ni, T, 256] and iou [Ni, T] on the device, T = self.tokens.
         """
-        counts = [len(b) for b in boxes]
-        if sum(counts) == 0:
-            return self._split(counts, self._empty(self.tokens), masks)
-        resized = torch.cat(
-            [
-                self.transform.apply_boxes_torch(b.to(self.device).float(), tuple(s))
-                for b, s in zip(boxes, original_sizes, strict=True)
-            ]
-        )  # (N, 4) XYXY in SAM's resized frame
-        prompts = self.sam.prompt_encoder(points=None, boxes=resized, masks=None)
-        return self._split(
-            counts,
-            self._decode(embeddings, counts, prompts, self.tokens, original_sizes, masks, chunk),
-            masks,
+        frame, encode = self.transform.apply_boxes_torch, self._box_prompts
+        return self._prompt_tokens(
+            embeddings, boxes, original_sizes, frame, encode, self.tokens, masks, chunk
         )
 
     @torch.inference_mode()
@@ -221,20 +168,30 @@ class SamRegionEncoder(nn.Module):
 
         Always the three multimask tokens (T = 3), as SAM and the official code do for ambiguous prompts.
         """
-        counts = [len(p) for p in points]
-        if sum(counts) == 0:
-            return self._split(counts, self._empty(3), masks)
-        coords = torch.cat(
-            [
-                self.transform.apply_coords_torch(p.to(self.device).float(), tuple(s))
-                for p, s in zip(points, original_sizes, strict=True)
-            ]
-        )[:, None, :]  # (N, 1, 2) in SAM's resized frame
+        frame, encode = self.transform.apply_coords_torch, self._click_prompts
+        return self._prompt_tokens(embeddings, points, original_sizes, frame, encode, 3, masks, chunk)
+
+    def _box_prompts(self, boxes: torch.Tensor):
+        """[N, 4] XYXY boxes in SAM's resized frame -> the prompt encoder's (sparse, dense) embeddings."""
+        return self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+
+    def _click_prompts(self, points: torch.Tensor):
+        """[N, 2] XY points in SAM's resized frame, one foreground click each -> (sparse, dense)."""
+        coords = points[:, None, :]  # (N, 1, 2)
         labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)  # foreground
-        prompts = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        return self._split(
-            counts, self._decode(embeddings, counts, prompts, 3, original_sizes, masks, chunk), masks
-        )
+        return self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+
+    def _prompt_tokens(self, embeddings, prompts, sizes, frame, encode, tokens: int, masks, chunk):
+        """Per-image prompts in original pixels -> SAM's resized frame (`frame`) -> prompt
+        embeddings (`encode`) -> the decoder's tokens, split back per image."""
+        counts = [len(p) for p in prompts]
+        if sum(counts) == 0:
+            return self._split(counts, self._empty(tokens), masks)
+        resized = torch.cat(
+            [frame(p.to(self.device).float(), tuple(s)) for p, s in zip(prompts, sizes, strict=True)]
+        )  # (N, 4) boxes or (N, 2) points, in SAM's resized frame
+        decoded = self._decode(embeddings, counts, encode(resized), tokens, sizes, masks, chunk)
+        return self._split(counts, decoded, masks)
 
     def _empty(self, tokens: int):
         return torch.zeros(0, tokens, 256, device=self.device), torch.zeros(0, tokens, device=self.device), []
