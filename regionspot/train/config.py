@@ -66,6 +66,9 @@ class TrainConfig:
     num_heads: int = 8
     shuffle_labels: bool = False
     """A control: every region gets a seeded random label (the quickstart compares against it)."""
+    max_regions: int | None = None
+    """Keep at most this many regions of an image, a seeded random subset, to bound memory (default: all,
+    as the paper)."""
 
     def check(self) -> TrainConfig:
         """Collect every problem with the values and raise them at once (RegionSpotError)."""
@@ -110,6 +113,8 @@ class TrainConfig:
             problems.append("--init with --resume: --resume continues a run, --init starts one; drop one")
         if self.gpus is not None and self.gpus < 0:
             problems.append(f"--gpus {self.gpus}: must be 0 or more")
+        if self.max_regions is not None and (not isinstance(self.max_regions, int) or self.max_regions < 1):
+            problems.append(f"--max-regions {self.max_regions}: must be an integer >= 1 (unset: no cap)")
         if problems:
             raise RegionSpotError("; ".join(problems))
         self.lr_drop_steps = sorted(int(s) for s in self.lr_drop_steps)
