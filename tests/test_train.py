@@ -621,6 +621,32 @@ def test_ddp_with_two_cpu_processes(tmp_path, small_set):
     assert (tmp_path / "run/checkpoints/last").read_text().strip() == "step-0000006"
 
 
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_on_a_non_finite_loss(tmp_path, world, text):
+    """The non-finite flag is never all-reduced per step, yet both ranks stop at the same read-back."""
+    samples = world.samples(32, 4)
+    for s in samples[24:]:
+        s.clip_map[:] = np.float16(np.inf)
+    shards = write_shardset(tmp_path / "s", samples, text, shard_size=8)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "num_layers: 1\nff_dim: 32\nnum_heads: 4\nwarmup_steps: 1\nlr_drop_steps: []\nshuffle_buffer: 1\n"
+    )
+    cmd = [sys.executable, "-m", "regionspot.cli", "train", "--shards", str(shards), "--recipe", str(recipe)]
+    cmd += ["--out", str(tmp_path / "run"), "--steps", "30", "--batch-size", "4", "--save-every", "100"]
+    cmd += ["--log-every", "5", "--workers", "1", "--gpus", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    lines = [x for x in out.stderr.splitlines() if "loss is nan at step" in x]
+    assert out.returncode == 1 and len(lines) == 2 and lines[0] == lines[1], out.stderr[-3000:]
+    step = int(lines[0].split("at step ")[1].split(" ")[0])
+    saved = tmp_path / "run" / "checkpoints" / f"step-{step:07d}"
+    assert (tmp_path / "run/checkpoints/last").read_text().strip() == saved.name
+    state = torch.load(saved / "trainer_state.pt", weights_only=True)
+    assert state["step"] == step and len(state["positions"]) == 2
+    assert all(torch.isfinite(p).all() for p in load_head(saved)[0].parameters())
+
+
 def test_trainer_runs_on_extracted_toy_shards(toy_shards, tmp_path):
     run = run_train(
         TrainConfig(
