@@ -241,6 +241,7 @@ def train(
     save_every: Annotated[int, opt(TrainConfig, "save_every")] = TrainConfig.save_every,
     log_every: Annotated[int, opt(TrainConfig, "log_every")] = TrainConfig.log_every,
     seed: Annotated[int, opt(TrainConfig, "seed")] = TrainConfig.seed,
+    max_regions: Annotated[int | None, opt(TrainConfig, "max_regions")] = None,
 ) -> None:  # fmt: skip
     """Train the fusion head from cached features (no backbone in the loop).
 

@@ -1,7 +1,10 @@
 """The training stage: loss, schedule, stream, learnability, resume, DDP, refusals, logs, no backbones."""
 
+import errno
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -183,7 +186,7 @@ def test_the_stream_continues_exactly_from_its_position(small_set, tmp_path, wor
         assert list(batch.keys) == expected
         assert batch.labels.max() < (4 if d == 0 else 3)  # labels of that dataset's vocabulary
     assert datasets == {0, 1}
-    before = straight.position(before_last=True)
+    before = straight.position(back=1)
     assert _keys(TrainStream(sets, 3, workers=workers, seed=3, buffer=5, position=before), 1) == [rest[-1]]
     for s in (straight, resumed):
         s.close()
@@ -324,6 +327,177 @@ def test_a_non_finite_loss_stops_naming_step_and_images(tmp_path, world, text):
         run_train(_cfg(shards, tmp_path / "run", steps=20, shuffle_buffer=1, save_every=100, resume=True))
 
 
+def _state_equal(a, b):
+    """Two trainer_state.pt contents hold the same step, data positions, RNG states and optimiser state."""
+    assert (a["step"], a["world"], a["positions"]) == (b["step"], b["world"], b["positions"])
+    for x, y in zip(a["rng"], b["rng"], strict=True):
+        assert torch.equal(x["cpu"], y["cpu"])
+    torch.testing.assert_close(a["optimizer"], b["optimizer"], rtol=0, atol=0)
+
+
+def test_a_non_finite_loss_between_log_steps_stops_with_the_state_before_it(tmp_path, world, text):
+    """Read back every 5 steps, a NaN at step 3 still names step 3 and its images, and the saved state is
+    exactly what a clean run of 3 steps saves (weights, optimiser, data position, RNG)."""
+    samples = world.samples(16, 4)  # one shard read in order (buffer 1): step 3 = images 12-15
+    for s in samples[12:]:
+        s.clip_map[:] = np.float16(np.inf)
+    shards = write_shardset(tmp_path / "s", samples, text, shard_size=16)
+    kw = dict(steps=20, shuffle_buffer=1, save_every=100, log_every=5)
+    with pytest.raises(
+        RegionSpotError, match=r"loss is nan at step 3 \(rank 0, images 00012, 00013, 00014, 00015\)"
+    ):
+        run_train(_cfg(shards, tmp_path / "run", **kw))
+    saved = tmp_path / "run/checkpoints/step-0000003"
+    assert (tmp_path / "run/checkpoints/last").read_text().strip() == saved.name
+    clean = run_train(_cfg(shards, tmp_path / "clean", **{**kw, "steps": 3}))
+    _same_weights(load_head(saved)[0], load_head(clean)[0])
+    _state_equal(
+        torch.load(saved / "trainer_state.pt", weights_only=True),
+        torch.load(clean / "checkpoints/step-0000003/trainer_state.pt", weights_only=True),
+    )
+    assert not (tmp_path / "run/metrics.jsonl").read_text()  # no line of a window holding the bad step
+    with pytest.raises(RegionSpotError, match="at step 3 "):  # the resumed run meets the same batch
+        run_train(_cfg(shards, tmp_path / "run", **kw, resume=True))
+
+
+def _crowded(world, n_images=8, regions=2000):
+    """Images of 4 regions, the first one with `regions` (its scores number them: 0, 1, 2, ...)."""
+    samples = world.samples(n_images, 9)
+    big = samples[0]
+    rows = np.arange(regions) % big.num_regions
+    for name in ("boxes", "labels", "sam_tokens", "sam_iou"):
+        setattr(big, name, getattr(big, name)[rows])
+    big.scores = np.arange(regions, dtype=np.float32)
+    return samples
+
+
+def test_max_regions_keeps_a_seeded_subset_of_a_crowded_image(tmp_path, world, text, monkeypatch):
+    shards = write_shardset(tmp_path / "s", _crowded(world), text, shard_size=4)
+    sets = [ShardSet(shards)]
+
+    def big_rows(stream, n, cap=64):  # the scores of the crowded image's kept regions, each time it comes
+        out = []
+        for _ in range(n):
+            _, batch = next(stream)
+            assert batch.region_mask.shape[1] <= cap and int(batch.region_mask.sum(1).max()) <= cap
+            for i, key in enumerate(batch.keys):
+                if key == "00000":
+                    out.append(batch.scores[i][batch.region_mask[i]].tolist())
+        stream.close()
+        return out
+
+    first = big_rows(TrainStream(sets, 4, seed=1, buffer=2, max_regions=64), 6)
+    assert len(first) == 3  # 8 images, 4 a batch: once in each of 3 epochs
+    for kept in first:
+        assert len(kept) == 64 and kept == sorted(set(kept))  # 64 distinct regions, in stored order
+    assert first[0] != first[1]  # another visit, another subset
+    assert big_rows(TrainStream(sets, 4, seed=1, buffer=2, max_regions=64), 6) == first
+    assert len(big_rows(TrainStream(sets, 4, seed=1, buffer=2), 2, cap=2000)[0]) == 2000  # no cap: all
+
+    widths = []
+
+    def spy(logits, labels, *args):
+        widths.append(labels.shape[1])
+        return region_focal_loss(logits, labels, *args)
+
+    monkeypatch.setattr("regionspot.train.trainer.region_focal_loss", spy)
+    runs = [run_train(_cfg(shards, tmp_path / f"run{i}", steps=4, max_regions=64)) for i in range(2)]
+    assert max(widths) == 64  # the crowded image was trained on, capped
+    _same_weights(load_head(runs[0])[0], load_head(runs[1])[0])
+    with pytest.raises(RegionSpotError, match="--max-regions 0: must be an integer >= 1"):
+        _cfg(shards, tmp_path / "r", max_regions=0).check()
+
+
+def _leftovers(run):
+    return sorted(p.relative_to(run) for p in run.rglob("*.tmp-*"))
+
+
+def _full_disk_leaves_the_finished_checkpoint(run, error):
+    assert str(run / "checkpoints") in str(error.value) and "no space left on device" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert _leftovers(run) == []
+    assert not (run / "checkpoints/step-0000004").exists()
+    assert (run / "checkpoints/last").read_text().strip() == "step-0000002"
+    head, _, _ = load_head(run / "checkpoints/step-0000002")
+    state = torch.load(run / "checkpoints/step-0000002/trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(p).all() for p in head.parameters())
+
+
+def test_a_full_disk_while_saving_says_so_and_keeps_the_finished_checkpoints(
+    tmp_path, small_set, monkeypatch
+):
+    write_bytes = pathlib.Path.write_bytes
+    saves = []
+
+    def half_then_full(path, data):  # the second trainer state meets a full disk half-way
+        if path.name.startswith(".trainer_state.pt.tmp-"):
+            saves.append(path)
+            if len(saves) == 2:
+                write_bytes(path, bytes(data)[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", half_then_full)
+    with pytest.raises(RegionSpotError) as error:
+        run_train(_cfg(small_set, tmp_path / "run", steps=6, save_every=2))
+    _full_disk_leaves_the_finished_checkpoint(tmp_path / "run", error)
+
+
+def test_a_real_full_disk_while_saving(tmp_path, small_set):
+    """The same on a small tmpfs, where the second checkpoint does not fit (safetensors or torch meet it)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    measured = run_train(_cfg(small_set, tmp_path / "measure", steps=2, save_every=2))
+
+    def pages(folder):  # what tmpfs charges: whole 4 KiB pages per file
+        return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+    checkpoint = pages(measured / "checkpoints/step-0000002")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = pages(measured) + 64 * 1024 + checkpoint // 2  # room for the first checkpoint, not the second
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(RegionSpotError) as error:
+            run_train(_cfg(small_set, disk / "run", steps=6, save_every=2))
+        _full_disk_leaves_the_finished_checkpoint(disk / "run", error)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_restart_before_the_first_checkpoint_cleans_what_killed_runs_left(tmp_path, small_set):
+    run = tmp_path / "run"
+
+    def steps():
+        return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    run_train(_cfg(small_set, run, steps=4, log_every=1, save_every=100))
+    assert steps() == [1, 2, 3, 4]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    shutil.rmtree(run / "checkpoints")  # killed before its first checkpoint, mid-save
+    stale = [
+        run / f".config.yaml.tmp-{gone.pid}",
+        run / f"checkpoints/.last.tmp-{gone.pid}",
+        run / f"checkpoints/step-0000004/.trainer_state.pt.tmp-{gone.pid}",
+    ]
+    live = run / f"checkpoints/step-0000002/.head.safetensors.tmp-{os.getppid()}"  # another run's, alive
+    for path in [*stale, live]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    run_train(_cfg(small_set, run, steps=4, log_every=1, save_every=100, resume=True))
+    assert steps() == [1, 2, 3, 4]  # the first lines are not repeated
+    assert _leftovers(run) == [live.relative_to(run)]
+    assert (run / "checkpoints/last").read_text().strip() == "step-0000004"
+    shutil.rmtree(run / "checkpoints")
+    run_train(_cfg(small_set, run, steps=3, log_every=1, save_every=100))  # a new run in the same folder
+    assert steps() == [1, 2, 3]
+
+
 def test_mixing_a_folder_of_sets_imports_no_backbone(tmp_path, world, text):
     write_shardset(tmp_path / "mixed" / "a", world.samples(20, 5, key_prefix="a"), text)
     write_shardset(
@@ -445,6 +619,32 @@ def test_ddp_with_two_cpu_processes(tmp_path, small_set):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "run/checkpoints/last").read_text().strip() == "step-0000006"
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_on_a_non_finite_loss(tmp_path, world, text):
+    """The non-finite flag is never all-reduced per step, yet both ranks stop at the same read-back."""
+    samples = world.samples(32, 4)
+    for s in samples[24:]:
+        s.clip_map[:] = np.float16(np.inf)
+    shards = write_shardset(tmp_path / "s", samples, text, shard_size=8)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "num_layers: 1\nff_dim: 32\nnum_heads: 4\nwarmup_steps: 1\nlr_drop_steps: []\nshuffle_buffer: 1\n"
+    )
+    cmd = [sys.executable, "-m", "regionspot.cli", "train", "--shards", str(shards), "--recipe", str(recipe)]
+    cmd += ["--out", str(tmp_path / "run"), "--steps", "30", "--batch-size", "4", "--save-every", "100"]
+    cmd += ["--log-every", "5", "--workers", "1", "--gpus", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    lines = [x for x in out.stderr.splitlines() if "loss is nan at step" in x]
+    assert out.returncode == 1 and len(lines) == 2 and lines[0] == lines[1], out.stderr[-3000:]
+    step = int(lines[0].split("at step ")[1].split(" ")[0])
+    saved = tmp_path / "run" / "checkpoints" / f"step-{step:07d}"
+    assert (tmp_path / "run/checkpoints/last").read_text().strip() == saved.name
+    state = torch.load(saved / "trainer_state.pt", weights_only=True)
+    assert state["step"] == step and len(state["positions"]) == 2
+    assert all(torch.isfinite(p).all() for p in load_head(saved)[0].parameters())
 
 
 def test_trainer_runs_on_extracted_toy_shards(toy_shards, tmp_path):

@@ -79,6 +79,10 @@ class TrainConfig:
         False, "A control: every region gets a seeded random label (the quickstart compares against it).",
         flag=False,
     )  # fmt: skip
+    max_regions: int | None = option(
+        None, "Keep at most N regions of an image, a seeded random subset, to bound memory (default: all, as "
+        "the paper).", min=1,
+    )  # fmt: skip
 
     def check(self) -> TrainConfig:
         """Collect every problem with the values and raise them at once (RegionSpotError)."""

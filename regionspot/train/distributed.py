@@ -53,6 +53,12 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks, in place (on the device: no host sync)."""
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
     def gather(self, obj) -> list:
         """`obj` of every rank, in rank order (plain picklable data)."""
         if self.world == 1:

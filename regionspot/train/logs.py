@@ -1,7 +1,8 @@
 """Training logs on rank 0: a rich progress bar, TensorBoard events, and metrics.jsonl.
 
 metrics.jsonl holds one JSON object per logged step: {"step", "loss", "lr", "samples_per_s",
-"regions_per_s"}; loss is the mean over the steps since the previous line (this rank's micro-batches).
+"regions_per_s"}; loss is the mean over the steps since the previous line (all ranks' micro-batches).
+A run that starts at step S (0 when new) first drops the lines past S that an earlier run left there.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ class TrainLog:
             return
         from torch.utils.tensorboard import SummaryWriter  # tensorboard is only needed where logs are written
 
-        self.tb = SummaryWriter(str(run / "tensorboard"), purge_step=start + 1 if start else None)
+        self.tb = SummaryWriter(str(run / "tensorboard"), purge_step=start + 1)
         path = run / "metrics.jsonl"
-        if start and path.exists():  # resumed: drop what a stopped run logged after its checkpoint
+        if path.exists():  # drop what a stopped run logged after the checkpoint this run starts from
             kept = [
                 line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start
             ]

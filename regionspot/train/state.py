@@ -8,11 +8,17 @@
                      `torch.load(path, weights_only=True)` reads it
   config.yaml        the resolved TrainConfig
 `runs/NAME/checkpoints/last` then names the directory (written last: a crash leaves the previous one).
+Every file is written as `.NAME.tmp-PID` and renamed into place; a save that fails removes what it
+half-wrote, and `remove_stale_tmp` removes what a killed process left.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -60,22 +66,88 @@ def save_checkpoint(
     config: dict,
     fingerprint: str,
 ) -> Path:
-    """Write `checkpoints/step-NNNNNNN/` (on rank 0) and point `last` at it; returns the directory."""
+    """Write `checkpoints/step-NNNNNNN/` (on rank 0) and point `last` at it; returns the directory.
+
+    Raises RegionSpotError naming the directory when the disk is full; then, as after any failure, the
+    files this save half-wrote are gone (a step directory it created too) and `last` still names the
+    previous checkpoint.
+    """
     directory = step_dir(run, step)
-    save_head(head, directory, fingerprint, {"step": step})
-    state = {
-        "step": step,
-        "world": len(positions),
-        "optimizer": optimizer.state_dict(),
-        "positions": positions,
-        "rng": rngs,
-    }
-    tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, directory / STATE_FILE)
-    write_config(directory / CONFIG_FILE, config)
-    write_last(directory.parent, directory)
+    created = not directory.exists()
+    try:
+        save_head(head, directory, fingerprint, {"step": step})
+        state = {
+            "step": step,
+            "world": len(positions),
+            "optimizer": optimizer.state_dict(),
+            "positions": positions,
+            "rng": rngs,
+        }
+        # serialised in memory, then written by Python: a full disk is then an OSError (ENOSPC), where
+        # torch.save to a path reports only "[enforce fail at inline_container.cc] unexpected pos"
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
+        tmp.write_bytes(buffer.getbuffer())
+        os.replace(tmp, directory / STATE_FILE)
+        write_config(directory / CONFIG_FILE, config)
+        write_last(directory.parent, directory)
+    except BaseException as e:
+        remove_stale_tmp(run, also=os.getpid())
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(e, Exception) and _no_space(e):
+            last = last_checkpoint(run)
+            raise RegionSpotError(
+                f"{directory.parent}: no space left on device while saving step {step}; its half-written "
+                f"files are removed and the finished checkpoints are intact (last: "
+                f"{last.name if last else 'none'}); free some space and continue with --resume"
+            ) from e
+        raise
     return directory
+
+
+def _no_space(e: Exception) -> bool:
+    """Whether `e` says the disk (or the quota) is full: an OSError, or safetensors' error text."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, OSError) and e.errno in codes:
+        return True
+    return any(os.strerror(code) in str(e) for code in codes)
+
+
+_TMP = re.compile(r"\.tmp-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_tmp(run: Path, also: int | None = None) -> list[Path]:
+    """Remove the `.NAME.tmp-PID` files in a run folder whose process is gone (a killed save), and
+    those of process `also` (this one, after a failed save); returns what was removed.
+
+    A temporary file of a live process (another run writing here) is left alone; a step directory
+    left empty is removed.
+    """
+    run = Path(run)
+    steps = sorted(p for p in (run / "checkpoints").glob("step-*") if p.is_dir())
+    removed = []
+    for folder in [run, run / "checkpoints", *steps]:
+        for path in folder.glob(".*.tmp-*"):
+            match = _TMP.search(path.name)
+            if match and (int(match[1]) == also or not _alive(int(match[1]))):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    for folder in steps:
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
 
 
 def last_checkpoint(run: Path) -> Path | None:

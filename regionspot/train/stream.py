@@ -19,12 +19,19 @@ Every batch leaves its worker with the state after it; `TrainStream` keeps the s
 it handed out from each reader and which reader comes next (the DataLoader visits workers in turn).
 `TrainStream.position()` is what a checkpoint stores; a stream built from it yields exactly the
 batches the uninterrupted stream would have, with any number of workers (the same number as before).
+
+Region cap. With `max_regions`, an image with more regions keeps a random subset of them (in stored
+order), drawn when the image leaves the buffer from the reader's generator: its state is part of the
+data position, so a resumed stream draws the same subsets, and an image met again in a later epoch
+gets another subset (the cap drops different regions over the run, not the same ones every time).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import zlib
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,7 +39,7 @@ import torch
 
 from regionspot.errors import RegionSpotError
 from regionspot.shards.loader import Batch, collate
-from regionspot.shards.schema import Sample
+from regionspot.shards.schema import REGION_FIELDS, Sample
 from regionspot.shards.shardset import ShardSet
 from regionspot.shards.storage import iter_shard
 
@@ -52,9 +59,11 @@ class DatasetReader:
         buffer: int = 128,
         shuffle_labels: bool = False,
         state: dict | None = None,
+        max_regions: int | None = None,
     ):
         self.shards, self.dataset, self.reader, self.readers = shards, dataset, reader, readers
         self.seed, self.buffer_size, self.shuffle_labels = seed, buffer, shuffle_labels
+        self.max_regions = max_regions
         self.num_shards = len(shards.shard_paths)
         self.rng = np.random.default_rng([seed, dataset, reader, 1])
         self.epoch, self.cursor = 0, 0  # position in this reader's shard list of the epoch
@@ -108,7 +117,8 @@ class DatasetReader:
 
     # --- samples ------------------------------------------------------------------------------
     def next(self) -> Sample:
-        """The next training image (at least one region), drawn at random from the buffer."""
+        """The next training image (at least one region, at most `max_regions`), drawn at random from
+        the buffer."""
         while len(self.buffer) < self.buffer_size:
             self.buffer.append(self._read())
         j = int(self.rng.integers(len(self.buffer)))
@@ -117,6 +127,13 @@ class DatasetReader:
         if self.shuffle_labels:  # the control: labels that carry nothing about the region
             rng = np.random.default_rng([self.seed, zlib.crc32(sample.key.encode())])
             sample.labels = rng.integers(0, len(self.shards.vocabulary), sample.num_regions).astype(np.int32)
+        if self.max_regions is not None and sample.num_regions > self.max_regions:
+            keep = np.sort(self.rng.choice(sample.num_regions, self.max_regions, replace=False))
+            sample = dataclasses.replace(
+                sample,
+                **{name: getattr(sample, name)[keep] for name in REGION_FIELDS},
+                masks=None if sample.masks is None else [sample.masks[i] for i in keep],
+            )
         return sample
 
     def state(self) -> dict:
@@ -171,6 +188,7 @@ class MixedReader:
         buffer: int = 128,
         shuffle_labels: bool = False,
         state: dict | None = None,
+        max_regions: int | None = None,
     ):
         self.batch_size = batch_size
         w = np.asarray(weights if weights is not None else [1.0] * len(sets), float)
@@ -185,7 +203,7 @@ class MixedReader:
         if state is not None:
             self.rng.bit_generator.state = state["rng"]
         self.datasets = [
-            DatasetReader(s, i, reader, readers, seed, buffer, shuffle_labels, st)
+            DatasetReader(s, i, reader, readers, seed, buffer, shuffle_labels, st, max_regions)
             for i, (s, st) in enumerate(zip(sets, states, strict=True))
         ]
 
@@ -202,7 +220,19 @@ class _Readers(torch.utils.data.IterableDataset):
     resumed loader (which starts at worker 0) continues with the reader whose turn it was."""
 
     def __init__(
-        self, sets, batch_size, rank, world, workers, seed, weights, buffer, shuffle_labels, states, first
+        self,
+        sets,
+        batch_size,
+        rank,
+        world,
+        workers,
+        seed,
+        weights,
+        buffer,
+        shuffle_labels,
+        states,
+        first,
+        max_regions,
     ):
         super().__init__()
         self.sets, self.batch_size, self.rank, self.world, self.workers = (
@@ -213,7 +243,7 @@ class _Readers(torch.utils.data.IterableDataset):
             workers,
         )
         self.seed, self.weights, self.buffer, self.shuffle_labels = seed, weights, buffer, shuffle_labels
-        self.states, self.first = states, first
+        self.states, self.first, self.max_regions = states, first, max_regions
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -228,6 +258,7 @@ class _Readers(torch.utils.data.IterableDataset):
             self.buffer,
             self.shuffle_labels,
             self.states[logical],
+            self.max_regions,
         )
         while True:
             d, samples = reader.next_batch()
@@ -247,6 +278,8 @@ class TrainStream:
         buffer: shuffle-buffer size per reader and dataset.
         position: a `position()` from a checkpoint, to continue that stream.
         pin_memory: pin batches (for asynchronous copies to a GPU); prefetch: batches per worker ahead.
+        max_regions: keep at most this many regions of an image (a seeded subset; None: all).
+        history: how many batches back `position(back=...)` can reach.
     """
 
     def __init__(
@@ -263,6 +296,8 @@ class TrainStream:
         position: dict | None = None,
         pin_memory: bool = False,
         prefetch: int = 4,
+        max_regions: int | None = None,
+        history: int = 1,
     ):
         self.readers = max(1, workers)
         self.world, self.pin = world, pin_memory and workers == 0
@@ -290,8 +325,11 @@ class TrainStream:
             shuffle_labels,
             list(self.states),
             self.next_reader,
+            max_regions,
         )
-        self._loader, self._undo = None, None
+        # (reader states, next reader) after each of the last batches, the newest last
+        self._past = deque([(list(self.states), self.next_reader)], maxlen=history + 1)
+        self._loader = None
         if workers == 0:
             self._it = iter(dataset)
         else:
@@ -313,21 +351,19 @@ class TrainStream:
         batch, info = next(self._it)
         if info["reader"] != self.next_reader:  # the DataLoader visits workers in turn; never otherwise
             raise RuntimeError(f"batch from reader {info['reader']}, expected reader {self.next_reader}")
-        self._undo = (info["reader"], self.states[info["reader"]])
         self.states[info["reader"]] = info["state"]
         self.next_reader = (info["reader"] + 1) % self.readers
+        self._past.append((list(self.states), self.next_reader))  # the states are never mutated: no copy
         if self.pin:
             batch = batch.pin_memory()
         return info["dataset"], batch
 
-    def position(self, before_last: bool = False) -> dict:
+    def position(self, back: int = 0) -> dict:
         """The data position after the last batch handed out (plain data: a checkpoint stores it), or
-        with `before_last` the one before it (a stream built from it yields that batch again)."""
-        states, following = self.states, self.next_reader
-        if before_last and self._undo is not None:
-            reader, previous = self._undo
-            states, following = list(states), reader
-            states[reader] = previous
+        the one `back` batches earlier (a stream built from it yields those `back` batches again)."""
+        if back >= len(self._past):
+            raise ValueError(f"position {back} batches back; this stream keeps {len(self._past) - 1}")
+        states, following = self._past[-1 - back]
         return {
             "version": POSITION_VERSION,
             "world": self.world,

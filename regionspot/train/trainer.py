@@ -6,6 +6,8 @@
 Writes to the run folder (`cfg.out`): config.yaml, checkpoints/step-NNNNNNN/ (head.safetensors,
 trainer_state.pt, config.yaml) and checkpoints/last, tensorboard/, metrics.jsonl. Everything that can
 be refused (shard sets, fingerprints, --init, an existing run) is refused before the first step.
+A step does not wait for the device: the loss and the non-finite check are read back every
+`log_every` steps and at checkpoints (`StepMonitor`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from regionspot.train.config import TrainConfig
 from regionspot.train.distributed import Dist
 from regionspot.train.logs import TrainLog
 from regionspot.train.loss import region_focal_loss
+from regionspot.train.monitor import StepMonitor
 from regionspot.train.state import (
     CONFIG_FILE,
     last_checkpoint,
     load_state,
+    remove_stale_tmp,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -147,10 +151,13 @@ def run_train(cfg: TrainConfig) -> Path:
     if state is not None:
         head.load_state_dict(resumed.state_dict())
     head.to(device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: the only AdamW that skips a step on the device (`found_inf`, see StepMonitor)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     start, position = 0, None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            group["fused"] = True  # a checkpoint's own setting (earlier versions: unfused) would win
         start, position = int(state["step"]), state["positions"][env.rank]
         set_rng_state(state["rng"][env.rank])
     else:
@@ -174,18 +181,30 @@ def run_train(cfg: TrainConfig) -> Path:
         position=position,
         pin_memory=device.type == "cuda",
         prefetch=cfg.prefetch,
+        max_regions=cfg.max_regions,
+        history=cfg.log_every,
     )
     resolved = cfg.to_json() | {"head": config, "fingerprint": fingerprint, "world": env.world}
     if env.main:
+        remove_stale_tmp(run)  # left by a killed save
         write_config(run / CONFIG_FILE, resolved)
     log = TrainLog(run, env.main, cfg.steps, start, cfg.log_every)
+    monitor = StepMonitor(device, cfg.log_every)
 
-    def save(step: int, before_last_batch: bool = False) -> None:
-        positions = env.gather(stream.position(before_last=before_last_batch))
-        rngs = env.gather(rng_state())
+    def save(step: int, back: int = 0, rng: dict | None = None) -> None:
+        """Checkpoint `step` with the data position `back` batches ago and `rng` (default: now)."""
+        positions = env.gather(stream.position(back))
+        rngs = env.gather(rng if rng is not None else rng_state())
+        error = None
         if env.main:
-            save_checkpoint(run, step, head, optimizer, positions, rngs, resolved, fingerprint)
-        env.barrier()
+            try:
+                save_checkpoint(run, step, head, optimizer, positions, rngs, resolved, fingerprint)
+            except Exception as e:  # every rank stops, none waits for rank 0 forever
+                error = e
+        if not env.all_true(error is None, device):
+            raise error or RegionSpotError(
+                f"rank 0 could not save {step_dir(run, step)}; its message says why"
+            )
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
@@ -195,6 +214,8 @@ def run_train(cfg: TrainConfig) -> Path:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            samples, regions = len(batch) * env.world, int(batch.region_mask.sum()) * env.world  # on the host
+            monitor.begin(step, batch.keys)
             batch = batch.to(device, non_blocking=True)  # float16 features over the bus ...
             tokens = batch.sam_tokens.float()  # ... float32 on the device: (B, N, T, 256)
             if tokens.shape[2] == 1:
@@ -208,31 +229,46 @@ def run_train(cfg: TrainConfig) -> Path:
             loss = region_focal_loss(
                 logits, batch.labels, batch.region_mask, cfg.focal_alpha, cfg.focal_gamma
             )
-            value = loss.item()
-            if not env.all_true(math.isfinite(value), device):
-                _stop_non_finite(env, save, step, value, batch.keys, run)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+            monitor.loss_for_backward(loss).backward()
+            # the norm is also the non-finite check (of the gradient all ranks share); no clip: max inf
+            norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip or math.inf)
+            optimizer.found_inf = monitor.found_inf(norm)
             optimizer.step()
-            log.step(step + 1, value, lr, len(batch) * env.world, int(batch.region_mask.sum()) * env.world)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save(step + 1)
+            done = step + 1
+            logged = done % cfg.log_every == 0 or done == cfg.steps
+            saved = done % cfg.save_every == 0 or done == cfg.steps
+            mean = None
+            if logged or saved:
+                mean, bad = monitor.read(env, reset=logged)
+                if bad:
+                    _stop_non_finite(env, save, monitor, done, run)
+            log.step(done, mean if logged else None, lr, samples, regions)
+            if saved:
+                save(done)
     finally:
         stream.close()
         log.close()
     return run
 
 
-def _stop_non_finite(env: Dist, save, step: int, value: float, keys: list[str], run: Path) -> None:
-    """Save the state before this step (the last good one) on every rank, then stop naming the images."""
-    reports = env.gather((value, list(keys)))
-    save(step, before_last_batch=True)
-    bad = [(r, v, k) for r, (v, k) in enumerate(reports) if not math.isfinite(v)]
-    rank, v, bad_keys = bad[0] if bad else (env.rank, value, keys)
-    shown = ", ".join(map(str, bad_keys[:8])) + (", ..." if len(bad_keys) > 8 else "")
+def _stop_non_finite(env: Dist, save, monitor: StepMonitor, done: int, run: Path) -> None:
+    """Save the state before the first non-finite step (the last good one: no update since), then stop
+    naming that step and its images. `done`: the steps taken so far."""
+    reports = env.gather(monitor.report())
+    step = min(first for first, _ in reports if first is not None)
+    save(step, back=done - step, rng=monitor.rng_before(step))
+    at_step = [
+        (rank, keys, loss)
+        for rank, (_, recent) in enumerate(reports)
+        for s, keys, loss in recent
+        if s == step
+    ]
+    culprits = [r for r in at_step if not math.isfinite(r[2])]
+    rank, keys, loss = (culprits or at_step)[0]
+    what = f"loss is {loss}" if culprits else "the gradient is not finite"
+    shown = ", ".join(map(str, keys[:8])) + (", ..." if len(keys) > 8 else "")
     raise RegionSpotError(
-        f"loss is {v} at step {step} (rank {rank}, images {shown}); the last good state is saved as "
+        f"{what} at step {step} (rank {rank}, images {shown}); the last good state is saved as "
         f"{step_dir(run, step)}; check these samples (regionspot shards verify) or lower --lr"
     )
