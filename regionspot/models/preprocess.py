@@ -33,9 +33,9 @@ def _pil_bilinear_pass(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def sam_resize(image: torch.Tensor, long_side: int) -> torch.Tensor:
     """Resize so that the longest side is `long_side`, as SAM's `ResizeLongestSide.apply_image` does.
 
-    PIL resizes in two passes, horizontal then vertical, rounding to uint8 after each; doing the same
-    in float32 gives PIL's pixels within one level (PIL's fixed-point weights differ in the last bits),
-    on ~0.2% of the pixels at most when downscaling and on none for most upscales.
+    PIL resizes in two passes, horizontal then vertical, rounding half up to uint8 after each; doing
+    the same in float32 gives PIL's pixels within one level where PIL's fixed-point weights round the
+    other way: up to ~0.2% of the pixels when downscaling, none for most upscales.
 
     Args:
         image: uint8 [3, H, W] RGB, on any device.
