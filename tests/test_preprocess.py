@@ -86,3 +86,28 @@ def test_preprocessing_on_cuda_equals_the_cpu():
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
     torch.testing.assert_close(clip_input(on_gpu, 224, OPENAI_MEAN, OPENAI_STD).cpu(),
                                clip_input(images, 224, OPENAI_MEAN, OPENAI_STD), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_sam_tokens_from_the_device_preprocessing_equal_the_library_path():
+    """vit_b widths at 1024 px (two blocks: the preprocessing, not the depth, is under test)."""
+    from segment_anything import SamPredictor
+    from segment_anything.build_sam import _build_sam
+
+    from regionspot.models.sam import SamRegionEncoder
+
+    torch.manual_seed(0)
+    encoder = SamRegionEncoder(_build_sam(768, 2, 12, [1], checkpoint=None))
+    image = photo(1100, 1500, seed=7)  # a downscale: the resize really differs from PIL's here and there
+    boxes = [torch.tensor([[100.0, 200, 700, 900], [0, 0, 1500, 1100], [1200, 50, 1490, 300]])]
+    sizes = [(1100, 1500)]
+    predictor = SamPredictor(encoder.sam)
+    predictor.set_image(image)  # ResizeLongestSide.apply_image (PIL), Sam.preprocess, the image encoder
+    with torch.inference_mode():
+        batch = sam_input([chw(image)], 1024, encoder.sam.pixel_mean, encoder.sam.pixel_std)
+        ours = encoder.region_tokens(encoder.sam.image_encoder(batch), boxes, sizes)[0]
+        library = encoder.region_tokens(predictor.features, boxes, sizes)[0]
+    stored = {name: (getattr(ours, name).half().float(), getattr(library, name).half().float())
+              for name in ("tokens", "iou")}
+    for name, (a, b) in stored.items():  # as stored (float16): within a few units of its last place
+        torch.testing.assert_close(a, b, rtol=2**-8, atol=2**-12, msg=lambda m, name=name: f"{name}: {m}")
