@@ -294,3 +294,36 @@ def test_exif_rotated_images_give_the_samples_of_their_upright_pixels(tmp_path, 
         for name, value in sink.samples[a].arrays().items():
             np.testing.assert_array_equal(value, getattr(sink.samples[b], name), err_msg=f"{a}.{name}")
     assert not np.array_equal(sink.samples["upright"].clip_map, sink.samples["upright_jpeg"].clip_map)
+
+
+@pytest.mark.gpu
+def test_the_device_path_on_cuda_matches_the_cpu(toy_root, tmp_path):
+    import torch
+    from PIL import Image
+
+    from regionspot.data.datasets import open_dataset
+    from regionspot.extract.decode import ImageFiles, decode_images
+    from regionspot.extract.loop import CPU_DECODED, extract_shards
+    from regionspot.models.presets import load_backbones, resolve_backbones
+
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 8
+    Image.fromarray(_smooth(48, 64, 4)).save(tmp_path / "turned.jpg", exif=exif, quality=90)
+    records = [*open_dataset("toy_val", toy_root).records()[:5], _record(tmp_path / "turned.jpg", 48, 64)]
+    files = [ImageFiles(records)[i] for i in range(len(records))]
+    on_gpu, gpu_fallbacks = decode_images(files, records, torch.device("cuda"))
+    on_cpu, _ = decode_images(files, records, torch.device("cpu"))
+    assert gpu_fallbacks == 0
+    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):  # nvJPEG's IDCT and upsampling differ from libjpeg's
+        assert gpu.is_cuda and gpu.shape == cpu.shape
+        assert (gpu.cpu().float() - cpu.float()).abs().mean() < 2
+
+    backbones = load_backbones(resolve_backbones("tiny"), device=torch.device("cuda"))
+    sink = ListSink()
+    counts = extract_shards(records, [0], len(records), backbones, sink, batch_size=4, num_workers=2, masks=False,
+                            device=torch.device("cuda"))
+    assert counts[CPU_DECODED] == 0 and list(sink.samples) == [r.key for r in records]
+    for record in records:
+        sample = sink.samples[record.key]
+        assert sample.sam_tokens.shape == (len(record.boxes), 1, 256) and sample.clip_map.dtype == np.float16
+        assert np.isfinite(sample.sam_tokens.astype(np.float32)).all()
