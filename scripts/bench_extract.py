@@ -8,6 +8,12 @@ temporary files (the speed is the same as with the released weights).
     python scripts/bench_extract.py --backbones tiny --images 64                # CPU smoke run
     python scripts/bench_extract.py --backbones bl --random-weights --images 2000 --boxes 16 \
         --image-size 1024 --batch-size 32 --workers 12                         # one GPU
+    python scripts/bench_extract.py --data-path                                 # the workers' CPU cost
+
+--data-path needs no model: it writes JPEGs of 640x480 and 1024x768 px and measures the CPU time one
+DataLoader worker spends per image (`ImageFiles.__getitem__`: read the file, parse the JPEG header
+and EXIF; the pixels are decoded on the device) against PIL decoding the same files alone. Goal: the
+worker costs at most 1.5x the decode alone.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from regionspot.data.records import ImageRecord
 from regionspot.extract.config import ExtractConfig
+from regionspot.extract.decode import ImageFiles
 from regionspot.extract.runner import run_extract
 from regionspot.shards.shardset import ShardSet
 
@@ -46,6 +55,47 @@ def make_dataset(root: Path, images: int, boxes: int, size: int, seed: int = 0) 
     return f"coco:{root / 'annotations.json'}:{root / 'images'}"
 
 
+def _cpu_ms_per_call(calls: list[Callable[[], object]], repeats: int) -> float:
+    """Median over `repeats` rounds of the process CPU time per call, in ms (a first round warms the page cache)."""
+    for call in calls:
+        call()
+    rounds = []
+    for _ in range(repeats):
+        start = time.process_time()
+        for call in calls:
+            call()
+        rounds.append((time.process_time() - start) / len(calls) * 1000)
+    return float(np.median(rounds))
+
+
+def data_path(images_per_size: int, repeats: int) -> None:
+    """Print a worker's CPU ms per image and PIL's decode alone for the same JPEGs (no model)."""
+    torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        records = []
+        for width, height in ((640, 480), (1024, 768)):
+            for i in range(images_per_size):
+                path = Path(tmp) / f"{width}-{i:04d}.jpg"
+                base = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+                Image.fromarray(base).resize((width, height), Image.BILINEAR).save(path, quality=90)
+                records.append(ImageRecord(key=path.stem, image_id=len(records), file_name=path.name, path=path,
+                                           width=width, height=height))
+        files = ImageFiles(records)
+        assert all(files[i].jpeg is not None for i in range(len(files))), "a JPEG went to the CPU decode"
+
+        def decode(path: Path) -> None:
+            with Image.open(path) as im:
+                im.convert("RGB")
+
+        worker = _cpu_ms_per_call([lambda i=i: files[i] for i in range(len(files))], repeats)
+        alone = _cpu_ms_per_call([lambda p=r.path: decode(p) for r in records], repeats)
+    print(f"{len(records)} JPEGs ({images_per_size} each of 640x480 and 1024x768, quality 90), "
+          f"median of {repeats} rounds; ratio {worker / alone:.2f} (goal <= 1.5)")
+    print(f"worker cpu ms/img: {worker:.3f}")
+    print(f"jpeg decode alone ms/img: {alone:.3f}")
+
+
 def random_weights(preset: str, root: Path) -> dict:
     """Random weights of the preset's shapes, saved as the real files would be."""
     import open_clip
@@ -64,6 +114,7 @@ def random_weights(preset: str, root: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-path", action="store_true", help="measure the workers' CPU cost only (no model)")
     ap.add_argument("--backbones", default="tiny")
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--images", type=int, default=64)
@@ -74,6 +125,9 @@ def main() -> None:
     ap.add_argument("--storage", default="wds", choices=["wds", "zarr"])
     ap.add_argument("--shard-size", type=int, default=1000)
     args = ap.parse_args()
+    if args.data_path:
+        data_path(images_per_size=max(1, args.images // 2), repeats=5)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

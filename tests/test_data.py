@@ -183,7 +183,7 @@ def test_class_names_lose_other_merged_and_stuff_wherever_they_occur(tmp_path):
 
 
 def test_file_names_that_leave_the_image_folder_are_skipped_unless_allowed(tmp_path):
-    from regionspot.extract.loop import DecodedImages
+    from regionspot.extract.decode import ImageFiles
 
     coco_file(tmp_path)
     ann = tmp_path / "coco/annotations/instances_val2017.json"
@@ -202,7 +202,7 @@ def test_file_names_that_leave_the_image_folder_are_skipped_unless_allowed(tmp_p
         with pytest.raises(ImageDecodeError, match="leaves the image folder"):
             load_record_image(r)
     assert len(r2.boxes) == 1  # the record stays: extraction lists it as skipped, evaluation counts it
-    decoded = DecodedImages(reader.records(), lambda im: im, lambda im: im)
+    decoded = ImageFiles(reader.records())
     assert [d.error for d in (decoded[0], decoded[1], decoded[2])] == [None, r2.skip_reason, r3.skip_reason]
 
     allowed = open_dataset("coco", tmp_path, allow_outside_root=True)

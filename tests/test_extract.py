@@ -134,3 +134,207 @@ def test_killed_run_resumes_to_identical_bytes(toy_root, tmp_path):
     for name in names:
         assert (straight / name).read_bytes() == (resumed / name).read_bytes(), name
     assert json.loads((straight / MANIFEST).read_text()) == json.loads((resumed / MANIFEST).read_text())
+
+
+# --- the image path: workers read, the device decodes ---------------------------------------------
+
+EXIF_ORIENTATION = 0x0112
+
+
+class ListSink:
+    """Stands in for ShardSink: keeps what the loop hands over."""
+
+    def __init__(self):
+        self.samples, self.skipped, self.calls = {}, {}, []
+
+    def begin(self, index):
+        self.calls.append(("begin", index))
+
+    def write(self, sample):
+        self.samples[sample.key] = sample
+
+    def skip(self, key, reason):
+        self.skipped[key] = reason
+
+    def end(self):
+        self.calls.append(("end",))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from regionspot.models.presets import load_backbones, resolve_backbones
+
+    return load_backbones(resolve_backbones("tiny"))
+
+
+def _extract_records(records, backbones, batch_size=3):
+    import torch
+
+    from regionspot.extract.loop import extract_shards
+
+    sink = ListSink()
+    counts = extract_shards(records, [0], len(records), backbones, sink, batch_size=batch_size, num_workers=0,
+                            masks=False, device=torch.device("cpu"))
+    assert sink.calls == [("begin", 0), ("end",)]
+    return sink, counts
+
+
+def _smooth(height, width, seed):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _record(path, width, height, key=None, boxes=((4, 6, 30, 40), (10, 2, 50, 20))):
+    from regionspot.data.records import ImageRecord
+
+    key = key or path.stem
+    boxes = np.asarray(boxes, np.float32)
+    return ImageRecord(key=key, image_id=key, file_name=path.name, path=path, width=width, height=height,
+                       boxes=boxes, labels=np.zeros(len(boxes), np.int32))
+
+
+def test_orient_applies_exif_orientations_as_pil_does():
+    import torch
+    from PIL import Image, ImageOps
+
+    from regionspot.extract.decode import orient
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 8, 3), dtype=np.uint8)
+    for orientation in range(1, 9):
+        im = Image.fromarray(pixels)
+        im.getexif()[EXIF_ORIENTATION] = orientation
+        expected = np.asarray(ImageOps.exif_transpose(im))
+        turned = orient(torch.from_numpy(pixels).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(turned, expected, err_msg=f"orientation {orientation}")
+
+
+def test_workers_pass_jpegs_to_the_device_and_decode_the_rest(tmp_path):
+    import torch
+    from PIL import Image
+
+    from regionspot.data.images import load_record_image
+    from regionspot.extract.decode import ImageFiles, decode_images
+
+    pixels = _smooth(48, 64, 1)
+    rgb = Image.fromarray(pixels)
+    rgb.save(tmp_path / "plain.jpg", quality=90)
+    rgb.save(tmp_path / "full_chroma.jpg", quality=90, subsampling=0)
+    rgb.save(tmp_path / "progressive.jpg", quality=90, progressive=True)
+    rgb.convert("L").save(tmp_path / "grey.jpg")
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    rgb.save(tmp_path / "lossless.png")
+    Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit grey
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    rgb.save(tmp_path / "turned.jpg", exif=exif)  # annotated on the stored grid below: stays as stored
+    data = (tmp_path / "plain.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "corrupt.jpg").write_bytes(b"not an image")
+    rgb.save(tmp_path / "wrong_size.jpg")
+
+    names = ["plain", "full_chroma", "progressive", "grey", "turned", "truncated", "cmyk", "lossless", "deep",
+             "corrupt", "wrong_size"]
+    records = [_record(next(tmp_path.glob(f"{n}.*")), 64, 48) for n in names]
+    records[-1] = _record(tmp_path / "wrong_size.jpg", 60, 48)
+    files = [ImageFiles(records)[i] for i in range(len(records))]
+    by_name = dict(zip(names, files, strict=True))
+    assert [n for n, f in by_name.items() if f.jpeg is not None] == names[:6]
+    assert [n for n, f in by_name.items() if f.image is not None] == ["cmyk", "lossless", "deep"]
+    assert by_name["turned"].orientation == 1
+    assert "cannot decode" in by_name["corrupt"].error
+    assert "the annotation says 60x48" in by_name["wrong_size"].error
+
+    images, on_cpu = decode_images(files, records, torch.device("cpu"))
+    assert on_cpu == 3  # the fallbacks: CMYK, PNG, 16-bit
+    for name, record, image in zip(names, records, images, strict=True):
+        if name in ("truncated", "corrupt", "wrong_size"):
+            assert isinstance(image, str) and str(record.path) in image, name
+            continue
+        # torchvision decodes with libjpeg-turbo, PIL's decoder, with the same settings: equal pixels
+        assert image.dtype == torch.uint8 and image.shape == (3, 48, 64), name
+        np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), load_record_image(record), err_msg=name)
+    assert "truncated" in images[names.index("truncated")]
+
+
+def test_device_decode_gives_the_samples_of_the_cpu_decode(toy_root, tiny, monkeypatch):
+    from regionspot.data.datasets import open_dataset
+    from regionspot.extract import decode
+    from regionspot.extract.loop import CPU_DECODED
+
+    records = open_dataset("toy_val", toy_root).records()[:7]  # JPEGs
+    assert all(r.path.suffix == ".jpg" for r in records)
+    on_device, counts = _extract_records(records, tiny)
+    monkeypatch.setattr(decode, "read_jpeg", lambda record, size_mismatch="skip": None)
+    on_cpu, cpu_counts = _extract_records(records, tiny)
+    assert counts[CPU_DECODED] == 0 and cpu_counts[CPU_DECODED] == 7
+    assert list(on_device.samples) == [r.key for r in records] == list(on_cpu.samples)
+    for key, sample in on_device.samples.items():
+        for name, value in sample.arrays().items():  # the CPU's JPEG decoders agree exactly: no tolerance
+            np.testing.assert_array_equal(value, getattr(on_cpu.samples[key], name), err_msg=f"{key}.{name}")
+
+
+def test_exif_rotated_images_give_the_samples_of_their_upright_pixels(tmp_path, tiny):
+    from PIL import Image
+
+    from regionspot.data.images import load_image
+    from regionspot.extract.loop import CPU_DECODED
+
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # shown turned 90 degrees clockwise
+    upright = _smooth(80, 60, 2)  # 60 wide, 80 high
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    Image.fromarray(np.rot90(upright)).save(tmp_path / "turned.png", exif=exif)  # lossless: the CPU decode
+    Image.fromarray(np.rot90(_smooth(80, 60, 3))).save(tmp_path / "turned.jpg", exif=exif, quality=90)
+    Image.fromarray(np.rot90(load_image(tmp_path / "turned.jpg"), k=-1)).save(tmp_path / "upright_jpeg.png")
+    data = (tmp_path / "turned.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not a JPEG after all")
+
+    names = ["upright", "turned", "turned_jpeg", "upright_jpeg", "truncated", "corrupt"]
+    paths = ["upright.png", "turned.png", "turned.jpg", "upright_jpeg.png", "truncated.jpg", "corrupt.jpg"]
+    records = [_record(tmp_path / p, 60, 80, key=n) for n, p in zip(names, paths, strict=True)]
+    sink, counts = _extract_records(records, tiny, batch_size=1)  # one image a batch: the same arithmetic
+    assert counts[CPU_DECODED] == 3  # the PNGs
+    assert sorted(sink.skipped) == ["corrupt", "truncated"]
+    assert all(str(tmp_path) in reason for reason in sink.skipped.values())
+    for a, b in (("turned", "upright"), ("turned_jpeg", "upright_jpeg")):
+        assert sink.samples[a].width == 60 and sink.samples[a].height == 80
+        for name, value in sink.samples[a].arrays().items():
+            np.testing.assert_array_equal(value, getattr(sink.samples[b], name), err_msg=f"{a}.{name}")
+    assert not np.array_equal(sink.samples["upright"].clip_map, sink.samples["upright_jpeg"].clip_map)
+
+
+@pytest.mark.gpu
+def test_the_device_path_on_cuda_matches_the_cpu(toy_root, tmp_path):
+    import torch
+    from PIL import Image
+
+    from regionspot.data.datasets import open_dataset
+    from regionspot.extract.decode import ImageFiles, decode_images
+    from regionspot.extract.loop import CPU_DECODED, extract_shards
+    from regionspot.models.presets import load_backbones, resolve_backbones
+
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 8
+    Image.fromarray(_smooth(48, 64, 4)).save(tmp_path / "turned.jpg", exif=exif, quality=90)
+    records = [*open_dataset("toy_val", toy_root).records()[:5], _record(tmp_path / "turned.jpg", 48, 64)]
+    files = [ImageFiles(records)[i] for i in range(len(records))]
+    on_gpu, gpu_fallbacks = decode_images(files, records, torch.device("cuda"))
+    on_cpu, _ = decode_images(files, records, torch.device("cpu"))
+    assert gpu_fallbacks == 0
+    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):  # nvJPEG's IDCT and upsampling differ from libjpeg's
+        assert gpu.is_cuda and gpu.shape == cpu.shape
+        assert (gpu.cpu().float() - cpu.float()).abs().mean() < 2
+
+    backbones = load_backbones(resolve_backbones("tiny"), device=torch.device("cuda"))
+    sink = ListSink()
+    counts = extract_shards(records, [0], len(records), backbones, sink, batch_size=4, num_workers=2, masks=False,
+                            device=torch.device("cuda"))
+    assert counts[CPU_DECODED] == 0 and list(sink.samples) == [r.key for r in records]
+    for record in records:
+        sample = sink.samples[record.key]
+        assert sample.sam_tokens.shape == (len(record.boxes), 1, 256) and sample.clip_map.dtype == np.float16
+        assert np.isfinite(sample.sam_tokens.astype(np.float32)).all()

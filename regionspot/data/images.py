@@ -75,6 +75,39 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageDecodeError(f"cannot decode {path}: {e}") from e
 
 
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8; 1 = as stored) of an opened image; a JPEG's is known without decoding
+    its pixels, a PNG's only after `im.load()` (its EXIF may follow the pixels)."""
+    value = im.getexif().get(_ORIENTATION, 1)
+    return int(value) if value in range(2, 9) else 1  # a malformed tag: as stored, as exif_transpose does
+
+
+def exif_turn(
+    path: str | Path,
+    stored: tuple[int, int],
+    orientation: int,
+    want: tuple[int, int],
+    size_mismatch: SizeMismatch = "skip",
+) -> bool:
+    """Whether to apply the EXIF `orientation` to an image of `stored` (width, height) annotated as
+    `want` (width, height): the rule of `load_record_image`, for decoders that orient the pixels themselves.
+
+    Returns:
+        True when the oriented image has the annotated size. When neither frame has it, False with
+        `size_mismatch` "rescale" (the caller resamples), else ImageDecodeError (the reason to list).
+    """
+    oriented = stored[::-1] if orientation in (5, 6, 7, 8) else stored
+    turn = orientation in range(2, 9) and oriented == want
+    if not turn and stored != want and size_mismatch == "skip":
+        turned = f" ({oriented[0]}x{oriented[1]} with its EXIF orientation)" if oriented != stored else ""
+        raise ImageDecodeError(
+            f"{path}: image is {stored[0]}x{stored[1]}{turned}, the annotation says {want[0]}x{want[1]}; "
+            "its boxes would land in the wrong place (pass --size-mismatch rescale to resample it "
+            "to the annotated size, or fix the annotation's width/height)"
+        )
+    return turn
+
+
 def load_record_image(record: ImageRecord, size_mismatch: SizeMismatch = "skip") -> np.ndarray:
     """Decode a record's image in the frame of its annotation (`record.width` x `record.height`).
 
@@ -104,19 +137,7 @@ def load_record_image(record: ImageRecord, size_mismatch: SizeMismatch = "skip")
     try:
         with Image.open(path) as im:
             im.load()  # first: a PNG may keep its EXIF after the pixels
-            stored = im.size
-            orientation = im.getexif().get(_ORIENTATION, 1)
-            oriented = stored[::-1] if orientation in (5, 6, 7, 8) else stored
-            turn = orientation in range(2, 9) and oriented == want
-            if not turn and stored != want and size_mismatch == "skip":
-                turned = (
-                    f" ({oriented[0]}x{oriented[1]} with its EXIF orientation)" if oriented != stored else ""
-                )
-                raise ImageDecodeError(
-                    f"{path}: image is {stored[0]}x{stored[1]}{turned}, the annotation says {want[0]}x{want[1]}; "
-                    "its boxes would land in the wrong place (pass --size-mismatch rescale to resample it "
-                    "to the annotated size, or fix the annotation's width/height)"
-                )
+            turn = exif_turn(path, im.size, exif_orientation(im), want, size_mismatch)
             image = _rgb8(ImageOps.exif_transpose(im) if turn else im, path)
     except _DECODE_ERRORS as e:
         raise ImageDecodeError(f"cannot decode {path}: {e}") from e
