@@ -404,7 +404,7 @@ def test_max_regions_keeps_a_seeded_subset_of_a_crowded_image(tmp_path, world, t
     runs = [run_train(_cfg(shards, tmp_path / f"run{i}", steps=4, max_regions=64)) for i in range(2)]
     assert max(widths) == 64  # the crowded image was trained on, capped
     _same_weights(load_head(runs[0])[0], load_head(runs[1])[0])
-    with pytest.raises(RegionSpotError, match="--max-regions 0: must be an integer >= 1"):
+    with pytest.raises(RegionSpotError, match="--max-regions 0: must be at least 1"):
         _cfg(shards, tmp_path / "r", max_regions=0).check()
 
 
