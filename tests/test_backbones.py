@@ -141,7 +141,7 @@ def test_tiny_sam_tokens_equal_the_library_decoder(tiny, tokens):
         np.array([[5, 20, 60, 170], [30.5, 40, 88, 100]], np.float32),
     ]
     sizes = [im.shape[:2] for im in imgs]
-    embeddings = encoder.encode([encoder.prepare(im) for im in imgs])
+    embeddings = encoder.encode(encoder.prepare(imgs))
     assert embeddings.shape == (3, 256, 16, 16) and embeddings.dtype == torch.float32
     # chunk=2 makes decoder calls that straddle images
     out = encoder.region_tokens(embeddings, [torch.from_numpy(b) for b in boxes], sizes, masks=True, chunk=2)
@@ -160,7 +160,7 @@ def test_tiny_sam_tokens_equal_the_library_decoder(tiny, tokens):
 def test_point_tokens_are_the_multimask_tokens(tiny):
     img = image(150, 100, 4)
     points = np.array([[20, 30], [80.5, 140]], np.float32)
-    embeddings = tiny.sam.encode([tiny.sam.prepare(img)])
+    embeddings = tiny.sam.encode(tiny.sam.prepare([img]))
     out = tiny.sam.point_tokens(embeddings, [torch.from_numpy(points)], [img.shape[:2]], masks=True)[0]
     token, iou, best = library_sam(build_tiny_sam(), img, points=points)[1][3]
     assert out.tokens.shape == (2, 3, 256)
@@ -170,8 +170,12 @@ def test_point_tokens_are_the_multimask_tokens(tiny):
 
 
 def test_sam_prepare_resizes_the_longest_side(tiny):
-    prepared = tiny.sam.prepare(image(100, 300, 5))
-    assert prepared.dtype == torch.uint8 and prepared.shape == (3, 85, 256)
+    from regionspot.models.preprocess import sam_resize
+
+    resized = sam_resize(torch.from_numpy(image(100, 300, 5)).permute(2, 0, 1), tiny.sam.img_size)
+    assert resized.dtype == torch.uint8 and resized.shape == (3, 85, 256)
+    prepared = tiny.sam.prepare([image(100, 300, 5)])
+    assert prepared.shape == (1, 3, 256, 256) and (prepared[0, :, 85:] == 0).all()  # padded at the bottom
 
 
 def test_automatic_boxes_are_xyxy_in_the_image(tiny):
@@ -194,7 +198,7 @@ def test_vit_b_checkpoint_tokens_equal_the_library_decoder(tmp_path):
     assert backbones.info()["sam"] == {"model": "vit_b", "weights_sha256": backbones.sam_sha256, "tokens": 1}
     img = image(200, 300, 8)
     boxes = np.array([[10, 20, 150, 180], [100, 0, 299, 199]], np.float32)
-    embeddings = backbones.sam.encode([backbones.sam.prepare(img)])
+    embeddings = backbones.sam.encode(backbones.sam.prepare([img]))
     features, library = library_sam(reference, img, boxes=boxes)
     fp16_close(embeddings, features)
     for tokens in (1, 3):
@@ -222,7 +226,7 @@ def library_map(model, images):
 def test_tiny_clip_map_equals_open_clip_before_ln_post(tiny):
     clip = tiny.clip
     imgs = [image(120, 200, 9), image(64, 48, 10)]
-    prepared = torch.stack([clip.prepare(im) for im in imgs])
+    prepared = clip.prepare(imgs)
     for im, x in zip(imgs, prepared, strict=True):  # squashed to S x S (no crop), bilinear, no antialias
         torch.testing.assert_close(x, reference_clip_input(im, clip, antialias=False), rtol=1e-5, atol=1e-5)
     fmap = clip.feature_map(prepared)
@@ -251,11 +255,11 @@ def reference_clip_input(im, clip, antialias: bool):
 def test_clip_antialias_is_the_option_and_changes_the_fingerprint(tiny):
     antialiased = load_backbones(resolve_backbones("tiny", clip_antialias=True))
     img = image(120, 200, 9)
-    x = antialiased.clip.prepare(img)
+    x = antialiased.clip.prepare([img])[0]
     torch.testing.assert_close(
         x, reference_clip_input(img, antialiased.clip, antialias=True), rtol=1e-5, atol=1e-5
     )
-    assert (x - tiny.clip.prepare(img)).abs().max() > 0.05  # a 120 x 200 image squashed to 64 x 64
+    assert (x - tiny.clip.prepare([img])[0]).abs().max() > 0.05  # a 120 x 200 image squashed to 64 x 64
     fp16_close(antialiased.clip.feature_map(x[None]), library_map(antialiased.clip.model, x[None]))
     # the same weights and sizes, other stored features: sets differing only here are never mixed
     assert antialiased.clip_sha256 == tiny.clip_sha256 and antialiased.fingerprint != tiny.fingerprint
@@ -265,8 +269,8 @@ def test_clip_antialias_is_the_option_and_changes_the_fingerprint(tiny):
     assert (antialiased.info()["clip"]["antialias"], tiny.info()["clip"]["antialias"]) == (True, False)
     # a uint8 [3, H, W] tensor (e.g. decoded on the device) is prepared where it is, the same way
     tensor = torch.from_numpy(img).permute(2, 0, 1).contiguous()
-    torch.testing.assert_close(antialiased.clip.prepare(tensor), x)
-    torch.testing.assert_close(tiny.clip.prepare(tensor), tiny.clip.prepare(img))
+    torch.testing.assert_close(antialiased.clip.prepare([tensor])[0], x)
+    torch.testing.assert_close(tiny.clip.prepare([tensor]), tiny.clip.prepare([img]))
     with pytest.raises(RegionSpotError, match="--clip-antialias"):
         resolve_backbones("tiny", clip_antialias="yes")
 
@@ -296,7 +300,7 @@ def test_vit_b16_state_dict_map_equals_open_clip(tmp_path):
     clip = backbones.clip
     assert (clip.image_size, clip.width, clip.embed_dim, clip.num_tokens) == (224, 768, 512, 197)
     torch.testing.assert_close(clip.model.visual.positional_embedding, reference.visual.positional_embedding)
-    prepared = clip.prepare(image(240, 320, 12))[None]
+    prepared = clip.prepare([image(240, 320, 12)])
     fp16_close(clip.feature_map(prepared), library_map(reference, prepared))
     assert backbones.info()["clip"]["logit_scale"] == pytest.approx(math.exp(reference.logit_scale.item()))
 
@@ -305,7 +309,7 @@ def test_vit_b16_state_dict_map_equals_open_clip(tmp_path):
     pos = clip.model.visual.positional_embedding
     assert pos.shape == (101, 768)
     torch.testing.assert_close(pos[0], reference.visual.positional_embedding[0])  # class token kept
-    prepared = torch.stack([clip.prepare(image(100, 140, 14)), clip.prepare(image(90, 60, 15))])
+    prepared = clip.prepare([image(100, 140, 14), image(90, 60, 15)])
     fmap = clip.feature_map(prepared)
     assert prepared.shape == (2, 3, 160, 160) and fmap.shape == (2, 101, 768)
     fp16_close(fmap, library_map(clip.model, prepared))
@@ -554,11 +558,11 @@ def test_cuda_autocast_stays_close_to_the_cpu(tiny):
     gpu = load_backbones(resolve_backbones("tiny"), device="cuda")
     assert gpu.info()["runtime"]["precision"] == "fp16" and tiny.info()["runtime"]["precision"] == "fp32"
     img, boxes = image(120, 200, 16), [torch.tensor([[10.0, 10, 100, 80], [0, 0, 200, 120]])]
-    cpu_tokens = tiny.sam.region_tokens(tiny.sam.encode([tiny.sam.prepare(img)]), boxes, [img.shape[:2]])[0]
-    out = gpu.sam.region_tokens(gpu.sam.encode([gpu.sam.prepare(img)]), boxes, [img.shape[:2]], masks=True)[0]
+    cpu_tokens = tiny.sam.region_tokens(tiny.sam.encode(tiny.sam.prepare([img])), boxes, [img.shape[:2]])[0]
+    out = gpu.sam.region_tokens(gpu.sam.encode(gpu.sam.prepare([img])), boxes, [img.shape[:2]], masks=True)[0]
     assert out.tokens.dtype == torch.float32 and out.tokens.device.type == "cuda" and len(out.masks) == 2
     torch.testing.assert_close(out.tokens.cpu(), cpu_tokens.tokens, rtol=0.05, atol=0.1)
-    prepared = tiny.clip.prepare(img)[None]
+    prepared = tiny.clip.prepare([img])
     fmap = gpu.clip.feature_map(prepared)
     assert fmap.dtype == torch.float32
     torch.testing.assert_close(fmap.cpu(), tiny.clip.feature_map(prepared), rtol=0.05, atol=0.1)
@@ -580,12 +584,12 @@ def test_precision_defaults_by_device_and_is_recorded_not_fingerprinted(tiny):
     assert bf16.info()["runtime"]["precision"] == "bf16"
     assert bf16.fingerprint == tiny.fingerprint  # features within float rounding: a runtime choice
     img = image(120, 200, 16)
-    fmap = bf16.clip.feature_map(bf16.clip.prepare(img)[None])
-    expected = tiny.clip.feature_map(tiny.clip.prepare(img)[None])
+    fmap = bf16.clip.feature_map(bf16.clip.prepare([img]))
+    expected = tiny.clip.feature_map(tiny.clip.prepare([img]))
     assert fmap.dtype == torch.float32 and not torch.equal(fmap, expected)  # autocast ran, on the CPU too
     torch.testing.assert_close(fmap, expected, rtol=0.05, atol=0.1)
-    embeddings = bf16.sam.encode([bf16.sam.prepare(img)])
-    torch.testing.assert_close(embeddings, tiny.sam.encode([tiny.sam.prepare(img)]), rtol=0.05, atol=0.1)
+    embeddings = bf16.sam.encode(bf16.sam.prepare([img]))
+    torch.testing.assert_close(embeddings, tiny.sam.encode(tiny.sam.prepare([img])), rtol=0.05, atol=0.1)
 
 
 def test_sam_attention_choice_keeps_weights_and_fingerprint(tiny):
@@ -594,8 +598,8 @@ def test_sam_attention_choice_keeps_weights_and_fingerprint(tiny):
     assert library.sam_sha256 == tiny.sam_sha256 and library.fingerprint == tiny.fingerprint
     img = image(120, 200, 17)
     torch.testing.assert_close(
-        tiny.sam.encode([tiny.sam.prepare(img)]),
-        library.sam.encode([library.sam.prepare(img)]),
+        tiny.sam.encode(tiny.sam.prepare([img])),
+        library.sam.encode(library.sam.prepare([img])),
         rtol=1e-4,
         atol=1e-5,
     )
@@ -606,8 +610,8 @@ def test_sam_attention_choice_keeps_weights_and_fingerprint(tiny):
 def test_compile_runs_the_compiled_forward_and_keeps_the_state_dict():
     backbones = load_backbones(resolve_backbones("tiny"))
     img = image(120, 200, 18)
-    sam_in, clip_in = backbones.sam.prepare(img), backbones.clip.prepare(img)[None]
-    eager = backbones.sam.encode([sam_in]), backbones.clip.feature_map(clip_in)
+    sam_in, clip_in = backbones.sam.prepare([img]), backbones.clip.prepare([img])
+    eager = backbones.sam.encode(sam_in), backbones.clip.feature_map(clip_in)
     keys = backbones.sam.state_dict().keys(), backbones.clip.state_dict().keys()
     for encoder in (backbones.sam, backbones.clip):
         encoder.use_compile(backend="eager")  # dynamo's tracing without a C++ toolchain: fast on any CPU
@@ -616,7 +620,7 @@ def test_compile_runs_the_compiled_forward_and_keeps_the_state_dict():
     assert (backbones.sam.state_dict().keys(), backbones.clip.state_dict().keys()) == keys
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # compiling worked: no fallback warning
-        compiled = backbones.sam.encode([sam_in]), backbones.clip.feature_map(clip_in)
+        compiled = backbones.sam.encode(sam_in), backbones.clip.feature_map(clip_in)
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -638,15 +642,15 @@ def test_compile_failure_falls_back_with_one_warning(tiny, monkeypatch):
     with pytest.warns(
         RuntimeWarning, match=r"torch.compile failed for SAM's image encoder .*no working C\+\+"
     ):
-        first = backbones.sam.encode([backbones.sam.prepare(img)])
+        first = backbones.sam.encode(backbones.sam.prepare([img]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the SAM fallback is for good: no second warning, no second try
-        again = backbones.sam.encode([backbones.sam.prepare(img)])
+        again = backbones.sam.encode(backbones.sam.prepare([img]))
     assert len(calls) == 1
     torch.testing.assert_close(first, again)
-    torch.testing.assert_close(first, tiny.sam.encode([tiny.sam.prepare(img)]))
+    torch.testing.assert_close(first, tiny.sam.encode(tiny.sam.prepare([img])))
     with pytest.warns(RuntimeWarning, match="CLIP's visual transformer"):
-        backbones.clip.feature_map(backbones.clip.prepare(img)[None])
+        backbones.clip.feature_map(backbones.clip.prepare([img]))
 
     def refused(fn, **options):
         raise RuntimeError("Dynamo is not supported on this Python")

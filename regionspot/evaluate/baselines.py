@@ -76,9 +76,9 @@ def clip_region_logits(
                 if isinstance(rle["counts"], str):
                     rle["counts"] = rle["counts"].encode()
                 mask = mask_utils.decode(rle)  # [H, W]
-            crops.append(torch.as_tensor(clip.prepare(crop_region(image, boxes[i], mask, fill))))
+            crops.append(crop_region(image, boxes[i], mask, fill))
         with torch.inference_mode():
-            emb = clip.image_embeddings(torch.stack(crops).to(device))  # [n, D], L2-normalised
+            emb = clip.image_embeddings(clip.prepare(crops).to(device))  # [n, D], L2-normalised
             out.append((logit_scale * emb.float() @ text.T).cpu())  # [n, K]
     if not out:
         return torch.zeros(0, text.shape[0])

@@ -24,7 +24,6 @@ from regionspot.data.records import ImageRecord
 from regionspot.extract.decode import ImageFiles, decode_images
 from regionspot.extract.partition import shard_range
 from regionspot.extract.sink import ShardSink
-from regionspot.models.preprocess import clip_input, sam_input
 from regionspot.shards.schema import STORED_DTYPES, Sample
 
 CPU_DECODED = "images decoded on the CPU"  # the count beside the seconds per phase
@@ -178,15 +177,6 @@ def _boxes_to(device: torch.device, records: Sequence[ImageRecord]) -> list[torc
     return list(boxes.to(device, non_blocking=True).split([len(r.boxes) for r in records]))
 
 
-def _image_embeddings(sam, batch: torch.Tensor) -> torch.Tensor:
-    """SAM image embeddings [B, 256, S/16, S/16] float32 of a preprocessed batch [B, 3, S, S].
-
-    Stands in for `SamRegionEncoder.encode` taking the preprocessed batch (the encoder's own autocast).
-    """
-    with sam._autocast():
-        return sam.sam.image_encoder(batch).float()
-
-
 def _compute(
     batch, records, backbones, shard_size: int, masks: bool, device, size_mismatch, timer: PhaseTimer
 ) -> tuple[Handoff, int]:
@@ -210,11 +200,10 @@ def _compute(
     handoff.records = [r for r, _ in good]
     boxes = _boxes_to(device, handoff.records)  # copied while the images are preprocessed
     pixels = [image for _, image in good]  # uint8 [3, H, W] each
-    sam_batch = sam_input(pixels, int(sam.sam.image_encoder.img_size), sam.sam.pixel_mean, sam.sam.pixel_std)
-    clip_batch = clip_input(pixels, clip.image_size, clip.mean, clip.std, getattr(clip, "antialias", False))
+    sam_batch, clip_batch = sam.prepare(pixels), clip.prepare(pixels)
     del pixels, images, good  # the decoded images: their device memory is free before the encoders run
     timer.mark("preprocess")
-    embeddings = _image_embeddings(sam, sam_batch)  # (B, 256, h, w)
+    embeddings = sam.encode(sam_batch)  # (B, 256, h, w)
     timer.mark("sam_encoder")
     sizes = [(r.height, r.width) for r in handoff.records]
     tokens = sam.region_tokens(embeddings, boxes, sizes, masks=masks)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import logging
 import warnings
 import zipfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from regionspot.errors import RegionSpotError
 from regionspot.models.frozen import FrozenEncoder, first_line
+from regionspot.models.preprocess import as_chw, clip_input
 from regionspot.models.tiny import build_tiny_clip
 
 TEMPLATES_NAME = "{}. + openai-imagenet-80"
@@ -206,22 +207,12 @@ class ClipMapEncoder(FrozenEncoder):
     def hot_modules(self) -> dict[str, nn.Module]:
         return {"CLIP's visual transformer": self.model.visual.transformer}
 
-    def prepare(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """HxWx3 uint8 RGB array, or uint8 [3, H, W] tensor on any device -> float32 [3, S, S] where the
-        input is: squashed to S x S (bilinear, antialiased only if `antialias`), normalised."""
-        if isinstance(image, np.ndarray):
-            image = torch.tensor(image).permute(2, 0, 1)  # a copy: decoded arrays may be read-only
-        x = F.interpolate(
-            image[None].float().div(255),
-            size=(self.image_size, self.image_size),
-            mode="bilinear",
-            antialias=self.antialias,
-            align_corners=False,
-        )[0]  # (3, S, S)
-        # the constants, not the buffers: CPU workers must not touch the device the encoder is on
-        mean = torch.tensor(self._mean, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self._std, device=x.device).view(3, 1, 1)
-        return (x - mean) / std
+    def prepare(self, images: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """Decoded RGB images (HxWx3 uint8 arrays, or uint8 [3, H, W] tensors on any device) -> CLIP's
+        input float32 [B, 3, S, S] on this encoder's device: squashed to S x S (bilinear, antialiased
+        only if `antialias`), normalised (`models.preprocess`)."""
+        pixels = [as_chw(im).to(self.device, non_blocking=True) for im in images]
+        return clip_input(pixels, self.image_size, self._mean, self._std, self.antialias)
 
     @torch.inference_mode()
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:

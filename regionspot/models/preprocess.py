@@ -19,6 +19,14 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 
+def as_chw(image) -> torch.Tensor:
+    """A decoded image as uint8 [3, H, W]: a uint8 [3, H, W] tensor as it is, an HxWx3 array copied
+    (decoded arrays may be read-only)."""
+    if isinstance(image, torch.Tensor):
+        return image
+    return torch.tensor(image).permute(2, 0, 1)
+
+
 def _as_channels(values, like: torch.Tensor) -> torch.Tensor:
     """Per-channel constants (a sequence of 3 or a [3, 1, 1] tensor) as float32 [3, 1, 1] on `like`'s device."""
     return torch.as_tensor(values, dtype=torch.float32, device=like.device).reshape(3, 1, 1)

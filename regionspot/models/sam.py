@@ -8,6 +8,7 @@ transformer together, a chunk at a time; masks are upsampled only when asked for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from regionspot.errors import RegionSpotError
 from regionspot.models.frozen import FrozenEncoder, first_line
+from regionspot.models.preprocess import as_chw, sam_input
 from regionspot.models.sam_attention import SAM_ATTENTION, use_fast_attention
 from regionspot.models.tiny import build_tiny_sam
 
@@ -115,21 +117,18 @@ class SamRegionEncoder(FrozenEncoder):
     def hot_modules(self) -> dict[str, nn.Module]:
         return {"SAM's image encoder": self.sam.image_encoder}
 
-    def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """HxWx3 uint8 RGB -> uint8 [3, h', w'], the longest side resized to SAM's input size (CPU)."""
-        return torch.from_numpy(self.transform.apply_image(image)).permute(2, 0, 1).contiguous()
+    def prepare(self, images: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """Decoded RGB images (HxWx3 uint8 arrays, or uint8 [3, H, W] tensors on any device) -> the image
+        encoder's input float32 [B, 3, S, S] on this encoder's device: longest side resized as
+        `ResizeLongestSide.apply_image` does, normalised, padded bottom/right (`models.preprocess`)."""
+        pixels = [as_chw(im).to(self.device, non_blocking=True) for im in images]
+        return sam_input(pixels, self.img_size, self.sam.pixel_mean, self.sam.pixel_std)
 
     @torch.inference_mode()
-    def encode(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Prepared uint8 [3, h', w'] images -> image embeddings [B, 256, S/16, S/16] float32.
-
-        Normalisation and padding to S x S (bottom/right, as SAM does) happen here, on the device.
-        """
-        batch = torch.stack(
-            [self.sam.preprocess(im.to(self.device).float()) for im in images]
-        )  # (B, 3, S, S)
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """`prepare`d images [B, 3, S, S] -> image embeddings [B, 256, S/16, S/16] float32."""
         with self._autocast():
-            return self.sam.image_encoder(batch).float()
+            return self.sam.image_encoder(batch.to(self.device)).float()
 
     @torch.inference_mode()
     def region_tokens(

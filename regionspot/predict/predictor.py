@@ -182,10 +182,8 @@ class RegionPredictor:
         if not images:
             return []
         sam, clip = self.backbones.sam, self.backbones.clip
-        sam_in = [torch.as_tensor(sam.prepare(im)).to(self.device) for im in images]  # uint8 [3, h', w']
-        embeddings = sam.encode(sam_in)  # (B, 256, H', W')
-        clip_in = torch.stack([torch.as_tensor(clip.prepare(im)) for im in images]).to(self.device)
-        maps = _rounded(clip.feature_map(clip_in))  # (B, L, C), float16-rounded like the shards
+        embeddings = sam.encode(sam.prepare(images))  # (B, 256, H', W')
+        maps = _rounded(clip.feature_map(clip.prepare(images)))  # (B, L, C), float16-rounded like the shards
         return [ImageFeatures(im, e, m) for im, e, m in zip(images, embeddings, maps, strict=True)]
 
     def set_image(self, image: np.ndarray) -> None:
