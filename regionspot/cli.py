@@ -19,11 +19,12 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from regionspot import __version__
+from regionspot.data.images import SizeMismatch
 from regionspot.devices import DEVICE_CHOICES, check_device_name
 from regionspot.errors import RegionSpotError
 from regionspot.evaluate.config import EvalConfig, Evaluator, Method
 from regionspot.extract.config import ExtractConfig, Storage
-from regionspot.models.options import BackboneOptions, Preset, SamModel, SamTokens
+from regionspot.models.options import BackboneOptions, Precision, Preset, SamAttention, SamModel, SamTokens
 from regionspot.options import field_metadata
 from regionspot.predict.config import PredictConfig
 from regionspot.quickstart import QuickstartConfig
@@ -124,6 +125,10 @@ ClipOpt = Annotated[str | None, opt(BackboneOptions, "clip")]
 ClipPretrainedOpt = Annotated[str | None, opt(BackboneOptions, "clip_pretrained")]
 ClipSizeOpt = Annotated[int | None, opt(BackboneOptions, "clip_size")]
 SamTokensOpt = Annotated[SamTokens | None, opt(BackboneOptions, "sam_tokens")]
+ClipAntialiasOpt = Annotated[bool, opt(BackboneOptions, "clip_antialias")]
+PrecisionOpt = Annotated[Precision | None, opt(BackboneOptions, "precision")]
+SamAttentionOpt = Annotated[SamAttention, opt(BackboneOptions, "sam_attention")]
+CompileOpt = Annotated[bool, opt(BackboneOptions, "compile")]
 
 
 # --- extract ---
@@ -140,16 +145,22 @@ def extract(
     clip_pretrained: ClipPretrainedOpt = None,
     clip_size: ClipSizeOpt = None,
     sam_tokens: SamTokensOpt = None,
+    clip_antialias: ClipAntialiasOpt = False,
+    precision: PrecisionOpt = None,
+    sam_attention: SamAttentionOpt = BackboneOptions.sam_attention,
+    compile: CompileOpt = False,
     masks: Annotated[bool, opt(ExtractConfig, "masks")] = ExtractConfig.masks,
     storage: Annotated[Storage, opt(ExtractConfig, "storage")] = ExtractConfig.storage,
     shard_size: Annotated[int, opt(ExtractConfig, "shard_size")] = ExtractConfig.shard_size,
     proposals: Annotated[str, opt(ExtractConfig, "proposals")] = "gt",
     gpus: Annotated[int | None, opt(ExtractConfig, "gpus")] = None,
     workers: Annotated[int | None, opt(ExtractConfig, "workers")] = None,
-    batch_size: Annotated[int, opt(ExtractConfig, "batch_size")] = ExtractConfig.batch_size,
+    batch_size: Annotated[int | None, opt(ExtractConfig, "batch_size")] = None,
     limit: Annotated[int | None, opt(ExtractConfig, "limit")] = None,
     max_boxes: Annotated[int | None, opt(ExtractConfig, "max_boxes")] = None,
     overwrite: Annotated[bool, opt(ExtractConfig, "overwrite")] = ExtractConfig.overwrite,
+    allow_outside_root: Annotated[bool, opt(ExtractConfig, "allow_outside_root")] = False,
+    size_mismatch: Annotated[SizeMismatch, opt(ExtractConfig, "size_mismatch")] = ExtractConfig.size_mismatch,
 ) -> None:
     """Run frozen SAM + CLIP once over a dataset and cache their outputs in shards.
 
@@ -300,6 +311,10 @@ def eval_(
     clip_pretrained: ClipPretrainedOpt = None,
     clip_size: ClipSizeOpt = None,
     sam_tokens: SamTokensOpt = None,
+    clip_antialias: ClipAntialiasOpt = False,
+    precision: PrecisionOpt = None,
+    sam_attention: SamAttentionOpt = BackboneOptions.sam_attention,
+    compile: CompileOpt = False,
     method: Annotated[Method, opt(EvalConfig, "method")] = EvalConfig.method,
     max_dets: Annotated[int, opt(EvalConfig, "max_dets")] = EvalConfig.max_dets,
     candidates: Annotated[int, opt(EvalConfig, "candidates")] = EvalConfig.candidates,
@@ -311,6 +326,7 @@ def eval_(
     workers: Annotated[int, opt(EvalConfig, "workers")] = EvalConfig.workers,
     gpus: Annotated[int | None, opt(EvalConfig, "gpus")] = None,
     limit: Annotated[int | None, opt(EvalConfig, "limit")] = None,
+    allow_outside_root: Annotated[bool, opt(EvalConfig, "allow_outside_root")] = False,
 ) -> None:
     """Evaluate a checkpoint on LVIS / COCO with GT boxes or a detector's proposals (paper Table 1).
 
@@ -343,6 +359,10 @@ def predict(
     clip_pretrained: ClipPretrainedOpt = None,
     clip_size: ClipSizeOpt = None,
     sam_tokens: SamTokensOpt = None,
+    clip_antialias: ClipAntialiasOpt = False,
+    precision: PrecisionOpt = None,
+    sam_attention: SamAttentionOpt = BackboneOptions.sam_attention,
+    compile: CompileOpt = False,
     masks: Annotated[bool, opt(PredictConfig, "masks")] = PredictConfig.masks,
     attention: Annotated[bool, opt(PredictConfig, "attention")] = PredictConfig.attention,
     embeddings: Annotated[bool, opt(PredictConfig, "embeddings")] = PredictConfig.embeddings,

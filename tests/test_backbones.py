@@ -94,11 +94,18 @@ def library_sam(sam, img, boxes=None, points=None):
     """Tokens, IoU and masks with segment_anything's own modules: SamPredictor embeds the image and runs
     MaskDecoder.forward (IoU, masks); the decoder's transformer is called by hand as predict_masks does.
 
+    The image reaches the library resized by `models.preprocess.sam_resize`, SAM's longest-side resize as
+    the encoders do it (within one level of PIL's: tests/test_preprocess.py), so this compares the
+    networks, not two resizers.
+
     Returns: the image embedding [1, 256, h, w] and, for T in (1, 3), (tokens [N, T, 256], iou [N, T],
     the mask SAM rates best [N, H, W] at the original size).
     """
+    from regionspot.models.preprocess import sam_resize
+
     predictor = SamPredictor(sam)
-    predictor.set_image(img)
+    resized = sam_resize(torch.from_numpy(img).permute(2, 0, 1), sam.image_encoder.img_size)
+    predictor.set_torch_image(resized[None].float(), img.shape[:2])
     size = img.shape[:2]
     if boxes is not None:
         boxes = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, dtype=torch.float32), size)

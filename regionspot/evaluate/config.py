@@ -62,6 +62,10 @@ class EvalConfig(BackboneOptions):
     batch_size: int = option(16, "Images per head forward pass.", min=1)
     device: str = option("auto", DEVICE_HELP)
     workers: int = option(0, "Processes that read shards (0: read in the main process).", min=0)
+    allow_outside_root: bool = option(
+        False, "Read images whose file_name leaves the dataset's image folder (../, absolute paths); "
+        "otherwise they are skipped and listed."
+    )  # fmt: skip
     gpus: int | None = option(
         None, "Extraction on the spot: processes, one per GPU (default: all visible; 0: the CPU).", min=0
     )

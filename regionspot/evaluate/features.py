@@ -89,8 +89,9 @@ def extract_now(cfg: EvalConfig, want: Wanted, reader) -> Path:
         f"no shard set under {cfg.shards_root_dir()} fits this evaluation: extracting into {out} (kept for next time)"
     )
     ecfg = ExtractConfig(
-        dataset=cfg.dataset, data_root=cfg.data_root, out=out, backbones=cfg.backbones, **cfg.backbone_overrides(),
+        dataset=cfg.dataset, data_root=cfg.data_root, out=out, backbones=cfg.backbones, **cfg.backbone_overrides(), **cfg.runtime(),
         masks=want.masks, proposals=cfg.proposals_path, gpus=cfg.gpus, limit=cfg.limit,
+        allow_outside_root=cfg.allow_outside_root,
     )  # fmt: skip
     path = run_extract(ecfg)
     why = ShardSet(path).mismatch(want)

@@ -51,7 +51,9 @@ def run_eval(cfg: EvalConfig, show: bool = True) -> EvalResult:
 
     cfg.check()
     spec = cfg.spec()
-    reader = open_dataset(cfg.dataset, cfg.data_root, check_images=cfg.method != "regionspot")
+    reader = open_dataset(
+        cfg.dataset, cfg.data_root, check_images=cfg.method != "regionspot", allow_outside_root=cfg.allow_outside_root
+    )
     gt_path = ground_truth_path(reader)
     proposals = load_proposals(cfg.proposals_path, reader) if cfg.proposals_path is not None else None
     out = cfg.output_dir()
@@ -63,7 +65,7 @@ def run_eval(cfg: EvalConfig, show: bool = True) -> EvalResult:
     else:
         from regionspot.models.presets import load_backbones
 
-        backbones = load_backbones(spec, device=device)
+        backbones = load_backbones(spec, device=device, **cfg.runtime())
         fingerprint = backbones.fingerprint
     want = wanted(cfg, reader, proposals, fingerprint)
     shard_dir, how = resolve_shardset(cfg, want, reader)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from regionspot.data.images import SizeMismatch
 from regionspot.errors import RegionSpotError
 from regionspot.models.options import BackboneOptions
 from regionspot.options import check_options, option
@@ -43,7 +44,17 @@ class ExtractConfig(BackboneOptions):
         None, "With GPUs: image-decoding processes per GPU (default 8). On the CPU (--gpus 0): extraction "
         "processes (default 1).", min=0,
     )  # fmt: skip
-    batch_size: int = option(8, "Images per forward pass.", min=1)
+    batch_size: int | None = option(
+        None, "Images per forward pass (default: 32 on a GPU, 8 on the CPU).", min=1
+    )
+    allow_outside_root: bool = option(
+        False, "Read images whose file_name leaves the dataset's image folder (../, absolute paths); "
+        "otherwise they are skipped and listed."
+    )  # fmt: skip
+    size_mismatch: SizeMismatch = option(
+        "skip", "An image whose decoded size is not its annotation's width x height: skip (listed in the "
+        "manifest) or rescale (resized to the annotated size, so the boxes keep their place)."
+    )  # fmt: skip
     limit: int | None = option(None, "Extract only the first N images (by key).", min=1)
     max_boxes: int | None = option(
         None, "Keep an image's N best regions: proposals by score, annotations by size.", min=1

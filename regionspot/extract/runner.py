@@ -59,7 +59,7 @@ def make_plan(cfg: ExtractConfig) -> Plan:
     """Check every option and read the annotations; no model is loaded."""
     cfg.check()
     spec = cfg.spec()
-    reader = open_dataset(cfg.dataset, cfg.data_root)
+    reader = open_dataset(cfg.dataset, cfg.data_root, allow_outside_root=cfg.allow_outside_root)
     records = reader.records()
     if cfg.proposals is not None:
         proposals = load_proposals(cfg.proposals, reader)
@@ -129,7 +129,7 @@ def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) ->
     device = _device(plan, partition)
     if device.type == "cpu" and partition.world > 1 and not partition.external:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // partition.world))
-    backbones = load_backbones(plan.spec, device=device)
+    backbones = load_backbones(plan.spec, device=device, **cfg.runtime())
     writer = plan.writer
     writer.claim(identity(plan, backbones.info()))
     todo = [i for i in shards_of(partition, plan.total_shards) if not writer.is_complete(i)]
@@ -141,8 +141,9 @@ def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) ->
         with progress:
             try:
                 seconds = extract_shards(
-                    plan.records, todo, cfg.shard_size, backbones, sink, batch_size=cfg.batch_size,
-                    num_workers=workers, masks=cfg.masks, device=device, on_batch=progress.advance,
+                    plan.records, todo, cfg.shard_size, backbones, sink,
+                    batch_size=cfg.batch_size or (32 if device.type == "cuda" else 8), num_workers=workers,
+                    masks=cfg.masks, device=device, on_batch=progress.advance, size_mismatch=cfg.size_mismatch,
                 )
             finally:
                 sink.close()

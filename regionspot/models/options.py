@@ -19,6 +19,12 @@ from regionspot.options import option
 Preset = Literal["bb", "bl", "bl336", "tiny"]
 SamModel = Literal["vit_b", "vit_l", "vit_h", "tiny"]
 SamTokens = Literal[1, 3]
+Precision = Literal["fp16", "bf16", "fp32"]  # models/frozen.py PRECISIONS
+SamAttention = Literal["sdpa", "library"]  # models/sam_attention.py SAM_ATTENTION
+
+# How the backbones run, not what they compute: recorded in the manifest's "runtime", outside the
+# fingerprint (models/presets.py load_backbones says why).
+RUNTIME = ("precision", "sam_attention", "compile")
 
 
 @dataclass
@@ -45,9 +51,32 @@ class BackboneOptions:
         "tokens; features and checkpoints must agree.",
     )
 
+    clip_antialias: bool = option(
+        False,
+        "Antialias CLIP's S x S resize. Off by default, as the official pipeline (the released heads were "
+        "trained without it); it changes the stored features and so the backbones fingerprint.",
+    )
+    precision: Precision | None = option(
+        None, "Backbones' precision: fp16 (the official code's; default on a GPU), bf16, or fp32 (default "
+        "on the CPU). Recorded in the manifest."
+    )  # fmt: skip
+    sam_attention: SamAttention = option(
+        "sdpa", "SAM image encoder attention: sdpa (fused scaled_dot_product_attention, same numbers) or "
+        "library (segment_anything's own)."
+    )  # fmt: skip
+    compile: bool = option(False, "Run the encoders through torch.compile (falls back with a warning).")
+
     def backbone_overrides(self) -> dict:
         """The flags that override the preset, by field name (to hand these options on to another stage)."""
-        return {f.name: getattr(self, f.name) for f in fields(BackboneOptions) if f.name != "backbones"}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(BackboneOptions)
+            if f.name != "backbones" and f.name not in RUNTIME
+        }
+
+    def runtime(self) -> dict:
+        """How `load_backbones` runs the encoders: precision, SAM attention kernel, compile."""
+        return {name: getattr(self, name) for name in RUNTIME}
 
     def spec(self):
         """The resolved `models.presets.BackboneSpec`: every choice checked, nothing loaded.

@@ -153,12 +153,13 @@ class RegionPredictor:
             backbones = BackboneOptions(
                 backbones, sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained, **overrides
             )
+        runtime = backbones.runtime() if isinstance(backbones, BackboneOptions) else {}
         spec = backbones.spec() if isinstance(backbones, BackboneOptions) else backbones
         checkpoint = Path(checkpoint)
         device = resolve_device(device)
         # the head first: a wrong checkpoint is reported before the (slow) backbones load
         head, fingerprint, imported = load_head(checkpoint)
-        loaded = load_backbones(spec, device=device)
+        loaded = load_backbones(spec, device=device, **runtime)
         fingerprint = head_fingerprint(fingerprint, lambda: loaded.fingerprint)
         check_compatible(head, fingerprint, loaded, checkpoint, spec)
         return cls(loaded, head, device=device, imported=imported)
