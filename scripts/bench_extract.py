@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -112,6 +114,25 @@ def random_weights(preset: str, root: Path) -> dict:
     return {"sam_checkpoint": str(sam_path), "clip_pretrained": str(clip_path)}
 
 
+class _ExtractLog(logging.Handler):
+    """Keeps the extraction's end-of-run line (images, regions, seconds, time split) as figures."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def summary(self) -> dict:
+        for line in reversed(self.lines):
+            m = re.search(r"(\d+) images, (\d+) regions in ([\d.]+)s.*?time split: (.*)$", line)
+            if m:
+                images, regions, seconds = int(m[1]), int(m[2]), float(m[3])
+                return {"images_per_s": images / seconds, "regions_per_s": regions / seconds, "split": m[4]}
+        return {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-path", action="store_true", help="measure the workers' CPU cost only (no model)")
@@ -124,6 +145,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--storage", default="wds", choices=["wds", "zarr"])
     ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--json", type=Path, help="also write the figures here (scripts/gpu_check.sh reads them)")
     args = ap.parse_args()
     if args.data_path:
         data_path(images_per_size=max(1, args.images // 2), repeats=5)
@@ -135,6 +157,11 @@ def main() -> None:
         weights = random_weights(args.backbones, tmp) if args.random_weights else {}
         cfg = ExtractConfig(dataset=dataset, out=tmp / "shards", backbones=args.backbones, storage=args.storage,
                             shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers, **weights)
+        lines = _ExtractLog()
+        logging.getLogger("regionspot.extract").addHandler(lines)
+        logging.getLogger("regionspot.extract").setLevel(logging.INFO)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         out = run_extract(cfg)
         wall = time.perf_counter() - start
@@ -145,7 +172,17 @@ def main() -> None:
               f"{args.boxes} boxes each; batch {args.batch_size}")
         print(f"wall (incl. model load and text embeddings): {wall:.1f}s")
         print(f"bytes per image: {nbytes / shards.num_images / 1024:.1f} KiB ({args.storage})")
-        print("images/s, regions/s and the time split are in the 'rank 0:' line above")
+        summary = lines.summary()
+        print(f"extraction loop: {summary.get('images_per_s', 0):.1f} images/s, "
+              f"{summary.get('regions_per_s', 0):.0f} regions/s; time split: {summary.get('split', '?')}")
+        figures = {
+            "device": device, "preset": args.backbones, "images": args.images, "boxes": args.boxes,
+            "image_size": args.image_size, "batch_size": args.batch_size, "wall_s": wall,
+            "kib_per_image": nbytes / shards.num_images / 1024, **summary,
+            "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        }
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
