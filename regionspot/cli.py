@@ -6,6 +6,7 @@ loads another stage's dependencies.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,33 @@ app = typer.Typer(
 shards_app = typer.Typer(help="Inspect and check shard sets written by 'regionspot extract'.", no_args_is_help=True)
 app.add_typer(shards_app, name="shards")
 
+# --- storage options (a shard set at a URL) ---
+STORAGE_OPTIONS_HELP = ("A URL's fsspec filesystem options as a JSON object, e.g. '{\"endpoint_url\": \"http://host:9000\"}'; "
+                        "credentials come from the protocol's own variables and files (AWS_*, ~/.aws, gcloud).")
+
+
+def _storage_options(text: str | None) -> dict | None:
+    """--storage-options parsed; its text is never echoed back (it may hold a secret)."""
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RegionSpotError(f"--storage-options: not valid JSON ({e.msg} at character {e.pos}); "
+                              "give an object such as '{\"endpoint_url\": \"http://host:9000\"}'") from None
+    if not isinstance(options, dict):
+        raise RegionSpotError(f"--storage-options: a JSON object is needed, not {type(options).__name__}")
+    return options
+
+
+def _shard_set(where: str, storage_options: str | None):
+    from regionspot.shards.location import Location
+
+    return Location.parse(where, _storage_options(storage_options))
+
+
+# --- end storage options ---
+
 
 # --- extract ---
 @app.command()
@@ -32,7 +60,8 @@ def extract(
     dataset: Annotated[str, typer.Option(help="Dataset name (o365, v3det, openimages, lvis_val, coco, toy, toy_val), "
                                          "coco:ANN.json:IMAGES or openimages:BOXES.csv:CLASSES.csv:IMAGES.")] = "toy",
     data_root: Annotated[Path | None, typer.Option(help="Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Shard set directory (default: shards/DATASET).")] = None,
+    out: Annotated[str | None, typer.Option(help="Shard set directory or URL (s3://bucket/prefix, gs://...; default: shards/DATASET).")] = None,
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
     backbones: Annotated[str, typer.Option(help="Backbone preset: bb, bl, bl336 or tiny.")] = "bl",
     sam: Annotated[str | None, typer.Option(help="SAM variant: vit_b, vit_l, vit_h (overrides the preset).")] = None,
     sam_checkpoint: Annotated[str | None, typer.Option(help="SAM weights file, e.g. sam_vit_b_01ec64.pth.")] = None,
@@ -64,6 +93,7 @@ def extract(
         clip=clip, clip_pretrained=clip_pretrained, clip_size=clip_size, sam_tokens=sam_tokens, masks=masks,
         storage=storage, shard_size=shard_size, proposals=None if proposals in (None, "gt") else Path(proposals),
         gpus=gpus, workers=workers, batch_size=batch_size, limit=limit, max_boxes=max_boxes, overwrite=overwrite,
+        storage_options=_storage_options(storage_options),
     )
     path = run_extract(cfg)
     typer.echo(f"shards: {path}")
@@ -74,7 +104,8 @@ def extract(
 # --- shards ---
 @shards_app.command("info")
 def shards_info(
-    directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
+    directory: Annotated[str, typer.Argument(help="A shard set directory or URL (holds manifest.json).", metavar="DIR", show_default=False)],
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
 ) -> None:
     """Print what a shard set holds: dataset, storage, shards, images, regions, size, backbones, run."""
     from rich.console import Console
@@ -82,8 +113,9 @@ def shards_info(
 
     from regionspot.shards.verify import shardset_info
 
-    info = shardset_info(directory)
-    table = Table(title=f"shard set {directory}", show_header=False)
+    where = _shard_set(directory, storage_options)
+    info = shardset_info(where)
+    table = Table(title=f"shard set {where}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in info.items():
@@ -95,7 +127,8 @@ def shards_info(
 
 @shards_app.command("verify")
 def shards_verify(
-    directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
+    directory: Annotated[str, typer.Argument(help="A shard set directory or URL (holds manifest.json); a URL's shards are streamed, not copied.", metavar="DIR", show_default=False)],
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
 ) -> None:
     """Check every shard against the manifest: checksums, schema, sample and region counts, missing files.
 
@@ -108,6 +141,7 @@ def shards_verify(
     from regionspot.shards.verify import verify_shardset
 
     err = Console(stderr=True)
+    directory = _shard_set(directory, storage_options)
     try:
         total = len(read_manifest(directory)["shards"])
     except (RegionSpotError, KeyError, TypeError):
@@ -129,7 +163,7 @@ def shards_verify(
 # --- train ---
 @app.command()
 def train(
-    shards: Annotated[list[Path], typer.Option(help="A shard set, or a folder of shard sets (one per dataset) to mix; repeatable.")],
+    shards: Annotated[list[str], typer.Option(help="A shard set, or a folder of shard sets (one per dataset) to mix: a directory or URL; repeatable.")],
     recipe: Annotated[str | None, typer.Option(help="A recipe (bb-stage1, bb-stage2, bl-stage1, bl-stage2) or a YAML file of TrainConfig values; flags override it.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/regionspot).")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (paper: 450000).")] = None,
@@ -143,6 +177,7 @@ def train(
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (and at the end).")] = None,
     log_every: Annotated[int | None, typer.Option(help="Write metrics.jsonl / TensorBoard every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the head's initialisation, the data stream and dropout.")] = None,
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
 ) -> None:
     """Train the fusion head from cached features (no backbone in the loop).
 
@@ -154,7 +189,8 @@ def train(
 
     cfg = resolve_config(recipe, shards=shards, out=out, steps=steps, batch_size=batch_size, lr=lr,
                          warmup_steps=warmup_steps, init=init, resume=resume or None, gpus=gpus, workers=workers,
-                         save_every=save_every, log_every=log_every, seed=seed)
+                         save_every=save_every, log_every=log_every, seed=seed,
+                         storage_options=_storage_options(storage_options))
     if (cfg.gpus or 0) > 1 and not launched_by_torchrun():
         raise typer.Exit(torchrun(cfg.gpus, sys.argv[1:]))
     from regionspot.train.trainer import run_train
@@ -189,8 +225,9 @@ def eval_(
     proposals: Annotated[str, typer.Option(help="'gt' (annotated boxes, score 1) or a detector's boxes: COCO results JSON or the official dict.")] = "gt",
     dataset: Annotated[str, typer.Option(help="lvis_val, coco, toy_val, ... or coco:ANN.json:IMAGES (COCO/LVIS annotations).")] = "lvis_val",
     data_root: Annotated[Path | None, typer.Option(help="Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/).")] = None,
-    shards: Annotated[Path | None, typer.Option(help="Shard set to read (default: find one under --shards-root, else extract one there).")] = None,
-    shards_root: Annotated[Path | None, typer.Option(help="Where shard sets are found and made (default: $REGIONSPOT_SHARDS, else shards/).")] = None,
+    shards: Annotated[str | None, typer.Option(help="Shard set directory or URL to read (default: find one under --shards-root, else extract one there).")] = None,
+    shards_root: Annotated[str | None, typer.Option(help="Directory or URL where shard sets are found and made (default: $REGIONSPOT_SHARDS, else shards/).")] = None,
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
     backbones: Annotated[str, typer.Option(help="Backbone preset (bb, bl, bl336, tiny): for official .pth files, baselines and extraction.")] = "bl",
     sam: Annotated[str | None, typer.Option(help="SAM variant (overrides the preset).")] = None,
     sam_checkpoint: Annotated[str | None, typer.Option(help="SAM weights file.")] = None,
@@ -224,6 +261,7 @@ def eval_(
         clip_pretrained=clip_pretrained, clip_size=clip_size, sam_tokens=sam_tokens, method=method,
         max_dets=max_dets, candidates=candidates, masks=masks, evaluator=evaluator, out=out,
         batch_size=batch_size, device=device, workers=workers, gpus=gpus, limit=limit,
+        storage_options=_storage_options(storage_options),
     )
     run_eval(cfg)
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from regionspot.errors import RegionSpotError
+from regionspot.shards.location import Location, mask_options, path_or_url
 
 METHODS = ("regionspot", "clip-crop", "clip-mask")
 EVALUATORS = ("lvis", "fast")
@@ -24,11 +25,14 @@ class EvalConfig:
     """Dataset name or coco:ANNOTATIONS.json:IMAGES; its COCO/LVIS annotations are the ground truth."""
     data_root: Path | None = None
     """Root of the named datasets (else $REGIONSPOT_DATASETS, else datasets/)."""
-    shards: Path | None = None
-    """The shard set to read. Default: one under --shards-root made for this dataset, proposals and
-    backbones, else one extracted now (and kept there for the next checkpoint)."""
-    shards_root: Path | None = None
-    """Where shard sets are looked for and made (else $REGIONSPOT_SHARDS, else shards/)."""
+    shards: Path | str | None = None
+    """The shard set to read (a directory or a URL). Default: one under --shards-root made for this
+    dataset, proposals and backbones, else one extracted now (and kept there for the next checkpoint)."""
+    shards_root: Path | str | None = None
+    """Where shard sets are looked for and made: a directory or a URL (else $REGIONSPOT_SHARDS, else
+    shards/)."""
+    storage_options: dict | None = None
+    """Options of the --shards / --shards-root URL's fsspec filesystem (endpoint_url, profile, ...)."""
     backbones: str = "bl"
     """Backbone preset (bb, bl, bl336, tiny), for an official .pth, the baselines and extraction."""
     sam: str | None = None
@@ -88,10 +92,11 @@ class EvalConfig:
                 problems.append(f"--checkpoint {self.checkpoint}: no such file or directory")
         if self.proposals != "gt" and not Path(self.proposals).is_file():
             problems.append(f"--proposals {self.proposals}: no such file (use 'gt' for the annotated boxes)")
-        if self.shards is not None and not Path(self.shards).is_dir():
+        if self.shards is not None and self.shards_location().is_local and not Path(self.shards).is_dir():
             problems.append(f"--shards {self.shards}: no such directory")
         if problems:
             raise RegionSpotError("; ".join(problems))
+        self.shards_root_dir()  # an unknown protocol or a missing package, before any model
         return self
 
     @property
@@ -103,8 +108,14 @@ class EvalConfig:
         """Shards with SAM masks are needed: segm results, or the clip-mask baseline."""
         return self.masks or self.method == "clip-mask"
 
-    def shards_root_dir(self) -> Path:
-        return Path(self.shards_root or os.environ.get("REGIONSPOT_SHARDS") or "shards")
+    def shards_location(self) -> Location | None:
+        """--shards with its storage options (None when not given)."""
+        return None if self.shards is None else Location.parse(path_or_url(self.shards), self.storage_options)
+
+    def shards_root_dir(self) -> Location:
+        """--shards-root (else $REGIONSPOT_SHARDS, else shards/) with its storage options."""
+        root = self.shards_root or os.environ.get("REGIONSPOT_SHARDS") or "shards"
+        return Location.parse(path_or_url(root), self.storage_options)
 
     def output_dir(self) -> Path:
         """--out, else beside the checkpoint's run (runs/NAME/eval/STEP-DATASET-PROPOSALS), else eval/..."""
@@ -130,4 +141,6 @@ class EvalConfig:
                                               "sam_tokens")}  # fmt: skip
 
     def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out["storage_options"] = mask_options(self.storage_options or {}) or None  # never a secret
+        return out

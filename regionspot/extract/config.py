@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from regionspot.errors import RegionSpotError
+from regionspot.shards.location import Location, mask_options, path_or_url
 
 STORAGES = ("wds", "zarr")
 
@@ -18,8 +19,12 @@ class ExtractConfig:
     openimages:BOXES.csv:CLASSES.csv:IMAGES."""
     data_root: Path | None = None
     """Root of the named datasets (else $REGIONSPOT_DATASETS, else datasets/)."""
-    out: Path | None = None
-    """Shard set directory (default shards/<dataset>, or shards/<dataset>-<proposals> with proposals)."""
+    out: Path | str | None = None
+    """Shard set directory or URL (s3://bucket/prefix, gs://..., file://...); default shards/<dataset>,
+    or shards/<dataset>-<proposals> with proposals."""
+    storage_options: dict | None = None
+    """Options of the --out URL's fsspec filesystem (endpoint_url, profile, ...); credentials usually
+    come from the protocol's own environment variables and files."""
     backbones: str = "bl"
     """Backbone preset: bb, bl, bl336 or tiny."""
     sam: str | None = None
@@ -65,15 +70,23 @@ class ExtractConfig:
             problems.append(f"--proposals {self.proposals}: no such file")
         if problems:
             raise RegionSpotError("; ".join(problems))
+        Location.parse(self.output_dir())  # an unknown protocol or a missing package, before any model
         return self
 
-    def output_dir(self) -> Path:
+    def output_dir(self) -> Path | str:
+        """The shard set's directory (a Path) or URL (a str)."""
         if self.out is not None:
-            return Path(self.out)
+            return path_or_url(self.out)
         name = self.dataset.split(":")[0] if ":" in self.dataset else self.dataset
         if self.proposals is not None:
             name = f"{name}-{Path(self.proposals).stem}"
         return Path(os.environ.get("REGIONSPOT_SHARDS", "shards")) / name
 
+    def output(self) -> Location:
+        """Where the shard set goes, with its storage options."""
+        return Location.parse(self.output_dir(), self.storage_options)
+
     def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out["storage_options"] = mask_options(self.storage_options or {}) or None  # never a secret
+        return out

@@ -38,7 +38,7 @@ class Plan:
     """What a run extracts, the same in every process of the run."""
 
     cfg: ExtractConfig
-    out: Path
+    out: Path | str  # the shard set's directory, or its URL
     spec: object  # models.presets.BackboneSpec
     records: list[ImageRecord]
     vocabulary: list  # data.records.Category
@@ -51,7 +51,7 @@ class Plan:
 
     @property
     def writer(self) -> ShardSetWriter:
-        return ShardSetWriter(self.out, self.cfg.storage)
+        return ShardSetWriter(self.cfg.output(), self.cfg.storage)
 
 
 def make_plan(cfg: ExtractConfig) -> Plan:
@@ -89,8 +89,9 @@ def identity(plan: Plan, backbones_info: dict) -> dict:
     )  # fmt: skip
 
 
-def run_extract(cfg: ExtractConfig) -> Path:
-    """Extract `cfg.dataset` into a shard set and return its directory.
+def run_extract(cfg: ExtractConfig) -> Path | str:
+    """Extract `cfg.dataset` into a shard set and return its directory (or its URL, for a set in an
+    object store: each shard is written locally, then uploaded before its record).
 
     Launched by torchrun or SLURM, this process extracts its rank's shards; otherwise the run
     starts one process per GPU (`--gpus`) or `--workers` CPU processes, and waits for them.
@@ -112,7 +113,9 @@ def run_extract(cfg: ExtractConfig) -> Path:
         torch.multiprocessing.spawn(_spawned, args=(world, cfg), nprocs=world, join=True)
         _finish(plan)
     if not plan.writer.finished:
-        raise RegionSpotError(f"extraction into {plan.out} did not finish every shard; run the same command again")
+        raise RegionSpotError(
+            f"extraction into {plan.writer.path} did not finish every shard; run the same command again"
+        )
     return plan.out
 
 
@@ -124,7 +127,9 @@ def _device(plan: Plan, partition: Partition) -> torch.device:
     gpus = torch.cuda.device_count() if plan.cfg.gpus is None else plan.cfg.gpus
     if gpus == 0 or not torch.cuda.is_available():
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", partition.rank if not partition.external else 0))
+    # the launcher's local rank (torchrun: LOCAL_RANK; srun: SLURM_LOCALID); this run's own workers: rank
+    local = os.environ.get("SLURM_LOCALID", 0) if partition.external else partition.rank
+    local = int(os.environ.get("LOCAL_RANK", local))
     return torch.device("cuda", local % torch.cuda.device_count())
 
 
@@ -170,4 +175,4 @@ def _finish(plan: Plan, backbones=None) -> None:
         extra={"dataset_stats": plan.dataset["stats"], "proposals": plan.proposals},
     )  # fmt: skip
     if wrote:
-        log.info("finished the shard set %s", plan.out)
+        log.info("finished the shard set %s", plan.writer.path)

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from regionspot.errors import RegionSpotError
+from regionspot.shards.location import Location, mask_options, path_or_url
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 _PATHS = ("out", "init")
@@ -20,8 +21,12 @@ _PATHS = ("out", "init")
 
 @dataclass
 class TrainConfig:
-    shards: list[Path] = field(default_factory=list)
-    """Shard sets, or folders holding one shard set per dataset, to mix."""
+    shards: list[Path | str] = field(default_factory=list)
+    """Shard sets, or folders holding one shard set per dataset, to mix: directories or URLs
+    (s3://bucket/prefix, gs://..., https://..., file://...)."""
+    storage_options: dict | None = None
+    """Options of the --shards URLs' fsspec filesystem (endpoint_url, profile, ...); credentials usually
+    come from the protocol's own environment variables and files."""
     out: Path = Path("runs/regionspot")
     """The run folder: checkpoints/, tensorboard/, metrics.jsonl, config.yaml."""
     steps: int = 450_000
@@ -69,7 +74,7 @@ class TrainConfig:
 
     def check(self) -> TrainConfig:
         """Collect every problem with the values and raise them at once (RegionSpotError)."""
-        self.shards = [Path(p) for p in self.shards]
+        self.shards = [path_or_url(p) for p in self.shards]
         for name in _PATHS:
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
@@ -112,6 +117,8 @@ class TrainConfig:
             problems.append(f"--gpus {self.gpus}: must be 0 or more")
         if problems:
             raise RegionSpotError("; ".join(problems))
+        for p in self.shards:
+            Location.parse(p)  # an unknown protocol or a missing package, before anything runs
         self.lr_drop_steps = sorted(int(s) for s in self.lr_drop_steps)
         return self
 
@@ -119,6 +126,7 @@ class TrainConfig:
         """Plain values (paths as strings) for config.yaml and checkpoints."""
         out = asdict(self)
         out["shards"] = [str(p) for p in self.shards]
+        out["storage_options"] = mask_options(self.storage_options or {}) or None  # never a secret
         for name in _PATHS:
             out[name] = None if out[name] is None else str(out[name])
         return out
