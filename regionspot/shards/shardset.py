@@ -64,8 +64,9 @@ class ShardSet:
                 f"{self.location.display(MANIFEST)}: malformed manifest (field {e} missing or invalid); "
                 "re-run the extraction that wrote it"
             ) from e
-        present = set(self.location.list("shard-*"))  # one listing, not a request per shard
-        missing = [n for n in self.shard_names if n not in present]
+        present = set(self.location.list("shard-*"))  # one listing, not a request per shard ...
+        # ... where there is one: an https server may list nothing, so what it leaves out is asked for
+        missing = [n for n in self.shard_names if n not in present and not self.location.exists(n)]
         if missing:
             raise RegionSpotError(
                 f"{self.path}: {len(missing)} shard(s) listed in the manifest are missing (first: {missing[0]}); "

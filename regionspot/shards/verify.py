@@ -114,13 +114,17 @@ def verify_shardset(path: Path | str | Location, on_shard: Callable[[str], None]
         return [f"manifest.json: malformed (field {e} missing or invalid)"]
     faults: list[str] = []
     present = where.list("shard-*")
+
+    def has(name: str) -> bool:  # an https server may list nothing: what the listing lacks is asked for
+        return name in present or where.exists(name)
+
     listed = {e["name"] for e in entries}
     extra = [name for name in present if Path(name).suffix in SUFFIXES and name not in listed]
     faults += [f"{name}: not listed in the manifest" for name in extra]
     keys: dict[str, str] = {}
     for entry in entries:
         record_file = str(Path(entry["name"]).with_suffix(".json"))  # shard-NNNNNN.json, written when the shard finished
-        if record_file in present:
+        if has(record_file):
             try:
                 record = json.loads(where.read_bytes(record_file))
                 differ = [k for k in _ENTRY if record.get(k) != entry[k]]
@@ -128,7 +132,7 @@ def verify_shardset(path: Path | str | Location, on_shard: Callable[[str], None]
                 differ = ["(not valid JSON)"]
             if differ:
                 faults.append(f"{record_file}: {', '.join(differ)} differ from the manifest")
-        if entry["name"] not in present:
+        if not has(entry["name"]):
             faults.append(f"{entry['name']}: missing")
         elif where.is_local:
             faults += _check_shard(where.local_path / entry["name"], entry, manifest, keys)
