@@ -174,7 +174,7 @@ def compare_s3(args, size: dict) -> None:
     """
     with tempfile.TemporaryDirectory() as tmp:
         server = None
-        if args.shards and isinstance(path_or_url(args.shards), str):
+        if isinstance(args.shards, str):  # a URL
             remote = Location.parse(args.shards)
             local = Location.parse(Path(tmp) / "local")
             copy_set(remote, local)
@@ -185,8 +185,10 @@ def compare_s3(args, size: dict) -> None:
 
             logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
 
-            local = Location.parse(Path(args.shards) if args.shards else write_synthetic(
-                Path(tmp) / "bench", size, args.images, args.regions, args.classes, shard_size=64))  # fmt: skip
+            local = Location.parse(
+                args.shards
+                or write_synthetic(Path(tmp) / "bench", size, args.images, args.regions, args.classes, 64)
+            )
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
             server.start()
             host, port = server.get_host_and_port()
@@ -199,11 +201,16 @@ def compare_s3(args, size: dict) -> None:
             copy_set(local, remote)
         try:
             rates = {}
-            for name, where in (("local disk", local), (f"S3 ({'moto, loopback' if server else remote})", remote)):
+            for name, where in (
+                ("local disk", local),
+                (f"S3 ({'moto, loopback' if server else remote})", remote),
+            ):
                 rates[name] = stream_rate(where, args.batch_size, args.workers)
                 print(f"stream samples/s from {name}: {rates[name]:.0f}")
             first, second = rates.values()
-            print(f"S3 / local disk = {second / first:.2f}  (workers {args.workers}, batch {args.batch_size})")
+            print(
+                f"S3 / local disk = {second / first:.2f}  (workers {args.workers}, batch {args.batch_size})"
+            )
         finally:
             if server is not None:
                 server.stop()
@@ -211,7 +218,11 @@ def compare_s3(args, size: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", help="a shard set, a directory or a URL (default: write a synthetic one)")
+    p.add_argument(
+        "--shards",
+        type=path_or_url,
+        help="a shard set, a directory or a URL (default: write a synthetic one)",
+    )
     p.add_argument(
         "--size", choices=sorted(SIZES), default="bl", help="widths of the synthetic set and tower"
     )
@@ -228,11 +239,11 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = SIZES[args.size]
-    if args.compare_s3 or (args.shards and isinstance(path_or_url(args.shards), str)):
+    if args.compare_s3 or isinstance(args.shards, str):  # a URL
         compare_s3(args, size)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.shards) if args.shards else write_synthetic(
+        path = args.shards or write_synthetic(
             Path(tmp) / "bench", size, args.images, args.regions, args.classes, shard_size=64
         )
         shards = ShardSet(path)

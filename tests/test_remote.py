@@ -73,7 +73,13 @@ def _objects(where) -> dict[str, bytes]:
 
 def _same_samples(a, b) -> None:
     for x, y in zip(a, b, strict=True):
-        assert (x.key, x.image_id, x.width, x.height, x.masks) == (y.key, y.image_id, y.width, y.height, y.masks)
+        assert (x.key, x.image_id, x.width, x.height, x.masks) == (
+            y.key,
+            y.image_id,
+            y.width,
+            y.height,
+            y.masks,
+        )
         for name in ("boxes", "labels", "scores", "sam_tokens", "sam_iou", "clip_map"):
             np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=name)
 
@@ -93,7 +99,9 @@ def test_extract_into_s3_writes_the_bytes_of_a_local_run(sets):
 
     runner = CliRunner()
     info = runner.invoke(app, ["shards", "info", url, "--storage-options", json.dumps(OPTIONS)])
-    assert info.exit_code == 0 and url in info.output and "toy_val" in info.output and SECRET not in info.output
+    assert (
+        info.exit_code == 0 and url in info.output and "toy_val" in info.output and SECRET not in info.output
+    )
     ok = runner.invoke(app, ["shards", "verify", url])
     assert ok.exit_code == 0 and f"ok: 2 shards, {VAL_IMAGES} images" in ok.output
 
@@ -124,8 +132,13 @@ def test_two_processes_extract_into_s3_the_set_of_one(sets, s3_module, toy_val):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "regionspot.cli", *_extract_args(toy_val, url)],
-            env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},  # fmt: skip
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            },
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -190,7 +203,9 @@ def test_eval_from_s3_scores_as_from_local_disk(sets, local_run, toy_val, s3_mod
     remote = evaluate("s3", shards=sets[1], storage_options=OPTIONS)
     assert remote.shards_source == "given" and str(remote.shards) == sets[1]
     assert remote.metrics == local.metrics and remote.images == VAL_IMAGES
-    assert (tmp_path / "s3" / "detections.json").read_bytes() == (tmp_path / "local" / "detections.json").read_bytes()
+    assert (tmp_path / "s3" / "detections.json").read_bytes() == (
+        tmp_path / "local" / "detections.json"
+    ).read_bytes()
     assert SECRET not in (tmp_path / "s3" / "config.yaml").read_text()
 
     args = ["eval", "--checkpoint", str(local_run / "checkpoints" / "last"), "--dataset", "toy_val", "--data-root",
@@ -199,7 +214,9 @@ def test_eval_from_s3_scores_as_from_local_disk(sets, local_run, toy_val, s3_mod
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     found = json.loads((tmp_path / "found" / "metrics.json").read_text())
-    assert found["bbox"] == local.metrics["bbox"] and found["info"]["shards"].startswith(f"{s3_module.url}/sets/")
+    assert found["bbox"] == local.metrics["bbox"] and found["info"]["shards"].startswith(
+        f"{s3_module.url}/sets/"
+    )
     assert SECRET not in result.output
 
 
@@ -213,7 +230,8 @@ def test_a_transient_failure_is_retried_during_a_read(sets, s3_module, caplog):
     s3_module.fail("toy_val/shard-000000.tar", "drop", method="GET")  # the connection closes, no answer
     s3_module.fail("toy_val/shard-000001.tar", "truncate", method="GET")  # closes half-way through the body
     _same_samples(ShardSet(url).iter_samples(), ShardSet(local).iter_samples())
-    assert s3_module.requests("toy_val/shard-000000.tar", "GET") - before == 2  # the dropped one and its retry
+    retried = s3_module.requests("toy_val/shard-000000.tar", "GET") - before
+    assert retried == 2  # the dropped request and its retry
     assert "try 2 of" in caplog.text
 
 
@@ -222,7 +240,9 @@ def test_a_lasting_failure_stops_training_naming_the_shard(sets, s3_module, tmp_
 
     s3_module.fail("toy_val/shard-00000", "503", times=None, method="GET")  # every shard
     try:
-        with pytest.raises(RegionSpotError, match=r"toy_val/shard-00000\d.tar: read failed after \d+ tries") as e:
+        with pytest.raises(
+            RegionSpotError, match=r"toy_val/shard-00000\d.tar: read failed after \d+ tries"
+        ) as e:
             run_train(_train_cfg(sets[1], tmp_path / "run", workers=0))
     finally:
         s3_module.server.faults.clear()
@@ -243,7 +263,11 @@ def test_verify_streams_a_set_and_catches_a_damaged_object(s3, tmp_path, storage
 
     loc = Location.parse(url)
     shard = f"shard-000001.{'tar' if storage == 'wds' else 'zarr'}"
-    damaged = shard if storage == "wds" else f"{shard}/{max(loc.files(shard), key=lambda f: loc.size(f'{shard}/{f}'))}"
+    damaged = (
+        shard
+        if storage == "wds"
+        else f"{shard}/{max(loc.files(shard), key=lambda f: loc.size(f'{shard}/{f}'))}"
+    )
     data = bytearray(loc.read_bytes(damaged))
     data[len(data) // 2] ^= 0x10
     loc.write_bytes_atomic(damaged, bytes(data))
@@ -252,7 +276,9 @@ def test_verify_streams_a_set_and_catches_a_damaged_object(s3, tmp_path, storage
     if storage == "wds":  # the command prints what verify_shardset finds, whatever the storage
         result = CliRunner().invoke(app, ["shards", "verify", url])
         assert result.exit_code == 1 and f"fault: {shard}: checksum mismatch" in result.output
-    with pytest.raises(RegionSpotError, match=rf"set/{shard}: .* the manifest says .*regionspot shards verify"):
+    with pytest.raises(
+        RegionSpotError, match=rf"set/{shard}: .* the manifest says .*regionspot shards verify"
+    ):
         list(ShardSet(url).iter_samples())  # a reader checks what it fetches, too
 
     loc.delete(shard)
@@ -281,8 +307,13 @@ def test_a_missing_protocol_package_is_one_line_naming_the_extra(monkeypatch, ca
 
 
 def test_storage_options_must_be_a_json_object_and_are_never_echoed(capsys, monkeypatch):
-    for text, phrase in ((f'{{"secret": "{SECRET}"', "not valid JSON"), (f'["{SECRET}"]', "a JSON object is needed")):
-        monkeypatch.setattr(sys, "argv", ["regionspot", "shards", "verify", "s3://bucket/x", "--storage-options", text])
+    for text, phrase in (
+        (f'{{"secret": "{SECRET}"', "not valid JSON"),
+        (f'["{SECRET}"]', "a JSON object is needed"),
+    ):
+        monkeypatch.setattr(
+            sys, "argv", ["regionspot", "shards", "verify", "s3://bucket/x", "--storage-options", text]
+        )
         with pytest.raises(SystemExit) as e:
             main()
         err = capsys.readouterr().err

@@ -48,9 +48,10 @@ def fetch(location: Location, name: str, dest: Path | None = None) -> tuple[str,
         target = None if dest is None else dest / rel if rel else dest
         if target is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
-        with location.open_read(f"{name}/{rel}" if rel else name) as src, (
-            open(target, "wb") if target is not None else contextlib.nullcontext()
-        ) as out:
+        with (
+            location.open_read(f"{name}/{rel}" if rel else name) as src,
+            open(target, "wb") if target is not None else contextlib.nullcontext() as out,
+        ):
             while chunk := src.read(_CHUNK):
                 digest.update(chunk)
                 total += len(chunk)
