@@ -10,6 +10,7 @@ inside each command: `regionspot --help` loads no model library.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -81,6 +82,36 @@ shards_app = typer.Typer(
 )
 app.add_typer(shards_app, name="shards")
 
+# --- storage options (a shard set at a URL) ---
+STORAGE_OPTIONS_HELP = ("A URL's fsspec filesystem options as a JSON object, e.g. '{\"endpoint_url\": \"http://host:9000\"}'; "
+                        "credentials come from the protocol's own variables and files (AWS_*, ~/.aws, gcloud).")
+
+
+def _storage_options(text: str | None) -> dict | None:
+    """--storage-options parsed; its text is never echoed back (it may hold a secret)."""
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RegionSpotError(f"--storage-options: not valid JSON ({e.msg} at character {e.pos}); "
+                              "give an object such as '{\"endpoint_url\": \"http://host:9000\"}'") from None
+    if not isinstance(options, dict):
+        raise RegionSpotError(f"--storage-options: a JSON object is needed, not {type(options).__name__}")
+    return options
+
+
+def _shard_set(where: str, storage_options: str | None):
+    from regionspot.shards.location import Location
+
+    return Location.parse(where, _storage_options(storage_options))
+
+
+StorageOptionsOpt = Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP, metavar="JSON")]
+
+
+# --- end storage options ---
+
 
 def _print_version(value: bool) -> None:
     if value:
@@ -137,7 +168,8 @@ def extract(
     ctx: typer.Context,
     dataset: Annotated[str, opt(ExtractConfig, "dataset")] = ExtractConfig.dataset,
     data_root: Annotated[Path | None, opt(ExtractConfig, "data_root")] = None,
-    out: Annotated[Path | None, _out(ExtractConfig)] = None,
+    out: Annotated[str | None, _out(ExtractConfig)] = None,
+    storage_options: StorageOptionsOpt = None,
     backbones: BackbonesOpt = BackboneOptions.backbones,
     sam: SamOpt = None,
     sam_checkpoint: SamCheckpointOpt = None,
@@ -169,7 +201,8 @@ def extract(
     """
     from regionspot.extract.runner import run_extract
 
-    cfg = ExtractConfig(**{**ctx.params, "proposals": None if proposals == "gt" else Path(proposals)})
+    params = {**ctx.params, "proposals": None if proposals == "gt" else Path(proposals)}
+    cfg = ExtractConfig(**{**params, "storage_options": _storage_options(storage_options)})
     path = run_extract(cfg)
     typer.echo(f"shards: {path}")
 
@@ -179,7 +212,8 @@ def extract(
 # --- shards ---
 @shards_app.command("info", cls=_Command)
 def shards_info(
-    directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
+    directory: Annotated[str, typer.Argument(help="A shard set directory or URL (holds manifest.json).", metavar="DIR", show_default=False)],
+    storage_options: StorageOptionsOpt = None,
 ) -> None:
     """Print what a shard set holds: dataset, storage, shards, images, regions, size, backbones, run."""
     from rich.console import Console
@@ -187,8 +221,9 @@ def shards_info(
 
     from regionspot.shards.verify import shardset_info
 
-    info = shardset_info(directory)
-    table = Table(title=f"shard set {directory}", show_header=False)
+    where = _shard_set(directory, storage_options)
+    info = shardset_info(where)
+    table = Table(title=f"shard set {where}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in info.items():
@@ -200,7 +235,8 @@ def shards_info(
 
 @shards_app.command("verify", cls=_Command)
 def shards_verify(
-    directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
+    directory: Annotated[str, typer.Argument(help="A shard set directory or URL (holds manifest.json); a URL's shards are streamed, not copied.", metavar="DIR", show_default=False)],
+    storage_options: StorageOptionsOpt = None,
 ) -> None:
     """Check every shard against the manifest: checksums, schema, sample and region counts, missing files.
 
@@ -210,6 +246,7 @@ def shards_verify(
     from regionspot.shards.manifest import read_manifest
     from regionspot.shards.verify import verify_shardset
 
+    directory = _shard_set(directory, storage_options)
     try:
         total = len(read_manifest(directory)["shards"])
     except (RegionSpotError, KeyError, TypeError):
@@ -237,7 +274,7 @@ def _typed(ctx: typer.Context) -> dict:
 @app.command(cls=_Command)
 def train(
     ctx: typer.Context,
-    shards: Annotated[list[Path], opt(TrainConfig, "shards", metavar="DIR")],
+    shards: Annotated[list[str], opt(TrainConfig, "shards", metavar="DIR")],
     recipe: Annotated[str | None, typer.Option(help=f"A recipe ({', '.join(list_recipes())}) or a YAML file of "
                                                "TrainConfig values; the flags given override it.")] = None,
     out: Annotated[Path, _out(TrainConfig)] = TrainConfig.out,
@@ -253,6 +290,7 @@ def train(
     log_every: Annotated[int, opt(TrainConfig, "log_every")] = TrainConfig.log_every,
     seed: Annotated[int, opt(TrainConfig, "seed")] = TrainConfig.seed,
     max_regions: Annotated[int | None, opt(TrainConfig, "max_regions")] = None,
+    storage_options: StorageOptionsOpt = None,
 ) -> None:  # fmt: skip
     """Train the fusion head from cached features (no backbone in the loop).
 
@@ -265,6 +303,8 @@ def train(
 
     given = _typed(ctx)
     given.pop("recipe", None)
+    if "storage_options" in given:
+        given["storage_options"] = _storage_options(storage_options)
     cfg = resolve_config(recipe, **given)
     if (cfg.gpus or 0) > 1 and not launched_by_torchrun():
         raise typer.Exit(torchrun(cfg.gpus, sys.argv[1:]))
@@ -302,8 +342,9 @@ def eval_(
     proposals: Annotated[str, opt(EvalConfig, "proposals")] = EvalConfig.proposals,
     dataset: Annotated[str, opt(EvalConfig, "dataset")] = EvalConfig.dataset,
     data_root: Annotated[Path | None, opt(EvalConfig, "data_root")] = None,
-    shards: Annotated[Path | None, opt(EvalConfig, "shards")] = None,
-    shards_root: Annotated[Path | None, opt(EvalConfig, "shards_root")] = None,
+    shards: Annotated[str | None, opt(EvalConfig, "shards")] = None,
+    shards_root: Annotated[str | None, opt(EvalConfig, "shards_root")] = None,
+    storage_options: StorageOptionsOpt = None,
     backbones: BackbonesOpt = BackboneOptions.backbones,
     sam: SamOpt = None,
     sam_checkpoint: SamCheckpointOpt = None,
@@ -335,7 +376,7 @@ def eval_(
     """
     from regionspot.evaluate.runner import run_eval
 
-    run_eval(EvalConfig(**ctx.params))
+    run_eval(EvalConfig(**{**ctx.params, "storage_options": _storage_options(storage_options)}))
 
 
 # --- end eval ---

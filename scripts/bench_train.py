@@ -3,6 +3,8 @@ loop that runs the CLIP image tower online every step.
 
     python scripts/bench_train.py --size bl --images 256 --steps 20            # synthetic shards, bl widths
     python scripts/bench_train.py --shards shards/o365 --steps 50              # a real shard set
+    python scripts/bench_train.py --compare-s3 --size bl --images 512          # streaming: S3 vs local disk
+    python scripts/bench_train.py --shards s3://bucket/sets/o365               # that set vs a local copy
 
 (a) reads every shard file of the set (raw bytes, no decoding) and divides the rate by the bytes per image:
     once after dropping the files from the page cache (cold: the disk's rate) and once again (warm: memory).
@@ -12,6 +14,9 @@ loop that runs the CLIP image tower online every step.
 (c) the official loop's extra work: a frozen CLIP image tower (open_clip, random weights: only the cost
     matters) on B images of S x S every step, then the same head step.
 Prints samples/s and regions/s for each, and the ratios (s)/min(a, b) and (s)/(c).
+
+--compare-s3 (or --shards URL) prints instead one pass of TrainStream (no model) over the same set from an
+object store and from local disk, and their ratio: see `compare_s3`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 from regionspot.models.head import RegionSpotHead
 from regionspot.shards.identity import run_identity
+from regionspot.shards.location import Location, path_or_url
 from regionspot.shards.schema import FEATURE_DTYPE, Sample
 from regionspot.shards.shardset import ShardSet
 from regionspot.shards.writer import ShardSetWriter
@@ -137,9 +143,86 @@ def timed(fn, steps: int, warmup: int, device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def copy_set(src: Location, dst: Location) -> None:
+    """Every object of the shard set `src` (a zarr shard's files one by one) written to `dst`."""
+    for name in src.list():
+        for rel in src.files(name) if name.endswith(".zarr") else [""]:
+            key = f"{name}/{rel}" if rel else name
+            dst.write_bytes_atomic(key, bytes(src.read_bytes(key)))
+
+
+def stream_rate(where: Location, batch_size: int, workers: int) -> float:
+    """Samples/s of one pass of TrainStream (no model) over the set's images, from a fresh stream."""
+    shards = ShardSet(where)
+    batches = max(1, shards.num_images // batch_size)
+    t0 = time.perf_counter()
+    stream = TrainStream([shards], batch_size, workers=workers, seed=0, buffer=64)
+    for _ in range(batches):
+        next(stream)
+    seconds = time.perf_counter() - t0
+    stream.close()
+    return batches * batch_size / seconds
+
+
+def compare_s3(args, size: dict) -> None:
+    """Streaming from an object store vs local disk, the same set, one pass each (what a first epoch reads).
+
+    With --shards s3://... (or another URL): that set, and a copy of it on local disk. Otherwise the
+    --shards DIR (default: a synthetic set) is uploaded to moto's S3 server, started here on 127.0.0.1:
+    loopback, not a network, so the ratio is the cost of the S3 protocol and client (s3fs, one request per
+    ranged read, retries armed), not of a real network's latency and bandwidth.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        server = None
+        if isinstance(args.shards, str):  # a URL
+            remote = Location.parse(args.shards)
+            local = Location.parse(Path(tmp) / "local")
+            copy_set(remote, local)
+        else:
+            import logging
+
+            from moto.server import ThreadedMotoServer
+
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+
+            local = Location.parse(
+                args.shards
+                or write_synthetic(Path(tmp) / "bench", size, args.images, args.regions, args.classes, 64)
+            )
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            server.start()
+            host, port = server.get_host_and_port()
+            os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
+                              AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+            import boto3
+
+            boto3.client("s3").create_bucket(Bucket="bench")
+            remote = Location.parse("s3://bench/set")
+            copy_set(local, remote)
+        try:
+            rates = {}
+            for name, where in (
+                ("local disk", local),
+                (f"S3 ({'moto, loopback' if server else remote})", remote),
+            ):
+                rates[name] = stream_rate(where, args.batch_size, args.workers)
+                print(f"stream samples/s from {name}: {rates[name]:.0f}")
+            first, second = rates.values()
+            print(
+                f"S3 / local disk = {second / first:.2f}  (workers {args.workers}, batch {args.batch_size})"
+            )
+        finally:
+            if server is not None:
+                server.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", type=Path, help="a shard set (default: write a synthetic one)")
+    p.add_argument(
+        "--shards",
+        type=path_or_url,
+        help="a shard set, a directory or a URL (default: write a synthetic one)",
+    )
     p.add_argument(
         "--size", choices=sorted(SIZES), default="bl", help="widths of the synthetic set and tower"
     )
@@ -151,9 +234,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--skip-official", action="store_true", help="skip (c) (it needs open_clip)")
+    p.add_argument("--compare-s3", action="store_true",
+                   help="stream the set from moto's S3 server on loopback vs local disk (needs moto[server], s3fs)")  # fmt: skip
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = SIZES[args.size]
+    if args.compare_s3 or isinstance(args.shards, str):  # a URL
+        compare_s3(args, size)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = args.shards or write_synthetic(
             Path(tmp) / "bench", size, args.images, args.regions, args.classes, shard_size=64

@@ -61,19 +61,32 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture
-def s3(s3_server, monkeypatch, tmp_path_factory):
-    """A fresh, empty bucket on the loopback S3 server (`s3.url` is `s3://NAME`); the environment, which
-    subprocesses inherit, points S3 clients at the server. Faults injected by the test end with it."""
+def _bucket(server, monkeypatch, home):
+    """A fresh, empty bucket on `server`, with the environment pointing S3 clients at it."""
     import uuid
 
     from s3_server import S3Bucket, create_bucket, s3_environment
 
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var, raising=False)
-    for var, value in s3_environment(s3_server.endpoint, tmp_path_factory.mktemp("aws")).items():
+    for var, value in s3_environment(server.endpoint, home).items():
         monkeypatch.setenv(var, value)
-    bucket = S3Bucket(s3_server, f"test-{uuid.uuid4().hex[:12]}")
-    create_bucket(s3_server.endpoint, bucket.name)
-    yield bucket
+    bucket = S3Bucket(server, f"test-{uuid.uuid4().hex[:12]}")
+    create_bucket(server.endpoint, bucket.name)
+    return bucket
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path_factory):
+    """A fresh, empty bucket on the loopback S3 server (`s3.url` is `s3://NAME`); the environment, which
+    subprocesses inherit, points S3 clients at the server. Faults injected by the test end with it."""
+    yield _bucket(s3_server, monkeypatch, tmp_path_factory.mktemp("aws"))
+    s3_server.faults.clear()
+
+
+@pytest.fixture(scope="module")
+def s3_module(s3_server, tmp_path_factory):
+    """`s3` for a test module's shared shard sets: one bucket and environment for the whole module."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _bucket(s3_server, monkeypatch, tmp_path_factory.mktemp("aws"))
     s3_server.faults.clear()

@@ -94,3 +94,41 @@ def test_two_nodes_train_the_weights_of_one_node_with_two_processes(tmp_path):
     assert (
         states[1]["positions"][0]["readers"] != states[1]["positions"][1]["readers"]
     )  # the nodes split the data
+
+
+def test_the_launchers_environment_gives_rank_world_and_device(monkeypatch):
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else srun's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID;
+    the GPU is the local rank modulo the GPUs the process sees (checked without a GPU)."""
+    from types import SimpleNamespace
+
+    from regionspot.extract.partition import Partition
+    from regionspot.extract.runner import _device
+    from regionspot.train.distributed import Dist
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    assert Dist.from_env() == Dist(0, 1, 0)
+    for var, value in (("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "1")):
+        monkeypatch.setenv(var, value)
+    assert Dist.from_env() == Dist(5, 8, 1)  # a task srun started, without torchrun's variables
+    for var, value in (("RANK", "2"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "3")):
+        monkeypatch.setenv(var, value)
+    assert Dist.from_env() == Dist(2, 4, 3)  # torchrun's win
+
+    joined = {}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: joined.update(kw))
+    Dist(5, 8, 1).init(torch.device("cpu"))
+    assert joined == {"rank": 5, "world_size": 8}  # not read from RANK / WORLD_SIZE, which srun leaves unset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    assert Dist(5, 8, 3).device() == torch.device("cuda", 1)
+    plan = SimpleNamespace(cfg=SimpleNamespace(gpus=None))
+    assert _device(plan, Partition(2, 4, external=True)) == torch.device("cuda", 1)  # LOCAL_RANK 3
+    monkeypatch.delenv("LOCAL_RANK")
+    assert _device(plan, Partition(2, 4, external=True)) == torch.device("cuda", 1)  # SLURM_LOCALID 1
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert _device(plan, Partition(2, 4, external=True)) == torch.device("cuda", 0)
+    assert _device(plan, Partition(1, 2, external=False)) == torch.device("cuda", 1)  # this run's own worker 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from regionspot.shards.identity import run_identity
+from regionspot.shards.location import Location
 from regionspot.shards.schema import Sample
 from regionspot.shards.writer import ShardSetWriter
 
@@ -29,9 +30,11 @@ def write_shardset(
         },
         "fingerprint": fingerprint,
     }
-    path.mkdir(parents=True)  # a fresh directory: refuse to write over an earlier set
-    writer = ShardSetWriter(path, storage)
-    writer.claim(run_identity(dataset=path.name, sources={}, proposals={"source": "gt"}, backbones=backbones,
+    where = Location.parse(path)  # a directory, or a URL
+    if where.is_local:
+        where.local_path.mkdir(parents=True)  # a fresh directory: refuse to write over an earlier set
+    writer = ShardSetWriter(where, storage)
+    writer.claim(run_identity(dataset=where.name, sources={}, proposals={"source": "gt"}, backbones=backbones,
                               shard_size=shard_size, storage=storage))  # fmt: skip
     starts = range(0, len(samples), shard_size)
     for index, start in enumerate(starts):

@@ -12,6 +12,7 @@ from regionspot.errors import RegionSpotError
 from regionspot.evaluate.metrics import EVALUATORS
 from regionspot.models.options import BackboneOptions
 from regionspot.options import check_options, option
+from regionspot.shards.location import Location, mask_options, path_or_url
 
 Method = Literal["regionspot", "clip-crop", "clip-mask"]
 Evaluator = Literal[EVALUATORS]  # the choices as a type, from their one home
@@ -33,13 +34,18 @@ class EvalConfig(BackboneOptions):
     data_root: Path | None = option(
         None, "Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/)."
     )
-    shards: Path | None = option(
-        None, "Shard set to read (default: one under --shards-root made for this dataset, proposals and "
+    shards: Path | str | None = option(
+        None, "Shard set to read, a directory or a URL (default: one under --shards-root made for this dataset, proposals and "
         "backbones, else one extracted there now and kept for the next checkpoint)."
     )  # fmt: skip
-    shards_root: Path | None = option(
-        None, "Where shard sets are found and made (default: $REGIONSPOT_SHARDS, else shards/)."
-    )
+    shards_root: Path | str | None = option(
+        None, "Where shard sets are found and made, a directory or a URL (default: $REGIONSPOT_SHARDS, else "
+        "shards/)."
+    )  # fmt: skip
+    storage_options: dict | None = option(
+        None, "Options of the --shards / --shards-root URL's fsspec filesystem as JSON (endpoint_url, "
+        "profile, ...). Never printed."
+    )  # fmt: skip
     method: Method = option(
         "regionspot", "regionspot (the head), clip-crop (CLIP on each box crop) or clip-mask (the crop with the "
         "outside of SAM's mask painted CLIP's mean colour): the paper's CLIP baselines."
@@ -88,10 +94,11 @@ class EvalConfig(BackboneOptions):
                 problems.append(f"--checkpoint {self.checkpoint}: no such file or directory")
         if self.proposals != "gt" and not Path(self.proposals).is_file():
             problems.append(f"--proposals {self.proposals}: no such file (use 'gt' for the annotated boxes)")
-        if self.shards is not None and not Path(self.shards).is_dir():
+        if self.shards is not None and self.shards_location().is_local and not Path(self.shards).is_dir():
             problems.append(f"--shards {self.shards}: no such directory")
         if problems:
             raise RegionSpotError("; ".join(problems))
+        self.shards_root_dir()  # an unknown protocol or a missing package, before any model
         return self
 
     @property
@@ -103,8 +110,14 @@ class EvalConfig(BackboneOptions):
         """Shards with SAM masks are needed: segm results, or the clip-mask baseline."""
         return self.masks or self.method == "clip-mask"
 
-    def shards_root_dir(self) -> Path:
-        return Path(self.shards_root or os.environ.get("REGIONSPOT_SHARDS") or "shards")
+    def shards_location(self) -> Location | None:
+        """--shards with its storage options (None when not given)."""
+        return None if self.shards is None else Location.parse(path_or_url(self.shards), self.storage_options)
+
+    def shards_root_dir(self) -> Location:
+        """--shards-root (else $REGIONSPOT_SHARDS, else shards/) with its storage options."""
+        root = self.shards_root or os.environ.get("REGIONSPOT_SHARDS") or "shards"
+        return Location.parse(path_or_url(root), self.storage_options)
 
     def output_dir(self) -> Path:
         """--out, else beside the checkpoint's run (runs/NAME/eval/STEP-DATASET-PROPOSALS), else eval/..."""
@@ -126,4 +139,6 @@ class EvalConfig(BackboneOptions):
         return Path("eval") / f"{ckpt.stem}-{what}"
 
     def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out["storage_options"] = mask_options(self.storage_options or {}) or None  # never a secret
+        return out

@@ -12,6 +12,7 @@ from pathlib import Path
 from regionspot.errors import RegionSpotError
 from regionspot.evaluate.config import EvalConfig
 from regionspot.shards.identity import Wanted, mismatch, read_identity
+from regionspot.shards.location import Location
 from regionspot.shards.manifest import is_finished
 from regionspot.shards.shardset import ShardSet, find_shardsets
 
@@ -29,9 +30,9 @@ def wanted(cfg: EvalConfig, reader, proposals, fingerprint: str | None) -> Wante
     )
 
 
-def find_shardset(root: Path, want: Wanted) -> Path | None:
-    """The first finished shard set under `root` that serves `want` (sets without a limit first); sets
-    that cannot be read are passed over."""
+def find_shardset(root: Path | Location, want: Wanted) -> Path | Location | None:
+    """The first finished shard set under `root` (a directory or a URL's Location) that serves `want`
+    (sets without a limit first); sets that cannot be read are passed over."""
     fits = []
     for d in find_shardsets(root):
         try:
@@ -44,15 +45,15 @@ def find_shardset(root: Path, want: Wanted) -> Path | None:
     return fits[0].path if fits else None
 
 
-def check_named(path: Path, want: Wanted) -> None:
-    """--shards DIR must hold a finished shard set that serves this evaluation."""
+def check_named(path: Path | Location, want: Wanted) -> None:
+    """--shards DIR (or URL) must hold a finished shard set that serves this evaluation."""
     why = ShardSet(path).mismatch(want)
     if why:
         raise RegionSpotError(f"--shards {path} does not fit this evaluation: {why}; "
                               "drop --shards to find or extract a fitting set")  # fmt: skip
 
 
-def extraction_dir(cfg: EvalConfig, want: Wanted, reader) -> Path:
+def extraction_dir(cfg: EvalConfig, want: Wanted, reader) -> Location:
     """Where to extract: shards-root/DATASET[-PROPOSALS][-masks][-limitN], reusing an unfinished
     extraction of the same run, and suffixed with the fingerprint when the name is taken."""
     dataset = reader.name.split(":")[0] if ":" in reader.name else reader.name
@@ -64,12 +65,12 @@ def extraction_dir(cfg: EvalConfig, want: Wanted, reader) -> Path:
     if cfg.limit is not None:
         name += f"-limit{cfg.limit}"
     root = cfg.shards_root_dir()
-    options = [root / name]
+    options = [name]
     if want.fingerprint:
-        options.append(root / f"{name}-{want.fingerprint[:8]}")
-    options += [root / f"{name}-{i}" for i in range(2, 100)]
-    for d in options:
-        if not d.exists() or not any(d.iterdir()):
+        options.append(f"{name}-{want.fingerprint[:8]}")
+    options += [f"{name}-{i}" for i in range(2, 100)]
+    for d in map(root.child, options):
+        if not d.list():
             return d
         ident = read_identity(d)
         if ident is not None and mismatch(ident, want) is None and not is_finished(d):
@@ -77,7 +78,7 @@ def extraction_dir(cfg: EvalConfig, want: Wanted, reader) -> Path:
     raise RegionSpotError(f"no free shard set name for {name} under {root}; pass --shards or --shards-root")
 
 
-def extract_now(cfg: EvalConfig, want: Wanted, reader) -> Path:
+def extract_now(cfg: EvalConfig, want: Wanted, reader) -> Path | Location:
     """Run the extraction stage for this evaluation and return the new shard set."""
     from regionspot.extract.config import ExtractConfig
     from regionspot.extract.runner import run_extract
@@ -89,23 +90,27 @@ def extract_now(cfg: EvalConfig, want: Wanted, reader) -> Path:
         f"no shard set under {cfg.shards_root_dir()} fits this evaluation: extracting into {out} (kept for next time)"
     )
     ecfg = ExtractConfig(
-        dataset=cfg.dataset, data_root=cfg.data_root, out=out, backbones=cfg.backbones, **cfg.backbone_overrides(), **cfg.runtime(),
+        dataset=cfg.dataset, data_root=cfg.data_root, out=out.local_path if out.is_local else out.url(),
+        storage_options=cfg.storage_options, backbones=cfg.backbones, **cfg.backbone_overrides(), **cfg.runtime(),
         masks=want.masks, proposals=cfg.proposals_path, gpus=cfg.gpus, limit=cfg.limit,
         allow_outside_root=cfg.allow_outside_root,
     )  # fmt: skip
-    path = run_extract(ecfg)
-    why = ShardSet(path).mismatch(want)
+    run_extract(ecfg)
+    shards = ShardSet(ecfg.output())
+    why = shards.mismatch(want)
     if why:  # e.g. the head was trained on other backbones than --backbones names
-        raise RegionSpotError(f"extracted {path} with --backbones {cfg.backbones}, but {why}; "
+        raise RegionSpotError(f"extracted {shards.path} with --backbones {cfg.backbones}, but {why}; "
                               "pass the --backbones the checkpoint was trained with")  # fmt: skip
-    return Path(path)
+    return shards.path
 
 
-def resolve_shardset(cfg: EvalConfig, want: Wanted, reader) -> tuple[Path, str]:
-    """The shard set to evaluate from and how it was chosen ("given", "found" or "extracted")."""
+def resolve_shardset(cfg: EvalConfig, want: Wanted, reader) -> tuple[Path | Location, str]:
+    """The shard set to evaluate from (a directory, or a URL's Location) and how it was chosen ("given",
+    "found" or "extracted")."""
     if cfg.shards is not None:
-        check_named(cfg.shards, want)
-        return Path(cfg.shards), "given"
+        given = cfg.shards_location()
+        check_named(given, want)
+        return (given.local_path if given.is_local else given), "given"
     found = find_shardset(cfg.shards_root_dir(), want)
     if found is not None:
         return found, "found"

@@ -24,6 +24,7 @@ from regionspot.evaluate.features import resolve_shardset, wanted
 from regionspot.evaluate.metrics import compute_metrics, load_ground_truth, metric_names
 from regionspot.models.scoring import region_probabilities, select_detections
 from regionspot.progress import progress_bar
+from regionspot.shards.location import Location
 
 
 @dataclass
@@ -32,7 +33,7 @@ class EvalResult:
 
     out: Path
     metrics: dict[str, dict[str, float | None]]
-    shards: Path
+    shards: Path | Location  # the shard set's directory, or the Location of its URL
     shards_source: str  # "given", "found" or "extracted"
     images: int
     detections: int
@@ -111,7 +112,7 @@ def run_eval(cfg: EvalConfig, show: bool = True) -> EvalResult:
                  "shards": str(shard_dir), "max_dets": cfg.max_dets, "candidates": cfg.candidates},
     }  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    result = EvalResult(out, metrics, Path(shard_dir), how, dets.images, len(dets), summary["info"])
+    result = EvalResult(out, metrics, shard_dir, how, dets.images, len(dets), summary["info"])
     if show:
         print_table(result)
     return result

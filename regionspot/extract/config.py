@@ -11,6 +11,7 @@ from regionspot.data.images import SizeMismatch
 from regionspot.errors import RegionSpotError
 from regionspot.models.options import BackboneOptions
 from regionspot.options import check_options, option
+from regionspot.shards.location import Location, mask_options, path_or_url
 from regionspot.shards.storage import STORAGES
 
 Storage = Literal[STORAGES]  # the choices as a type, from their one home
@@ -26,9 +27,13 @@ class ExtractConfig(BackboneOptions):
     data_root: Path | None = option(
         None, "Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/)."
     )
-    out: Path | None = option(
-        None, "Shard set directory (default: $REGIONSPOT_SHARDS/DATASET, else shards/DATASET; "
-        "with proposals shards/DATASET-PROPOSALS)."
+    out: Path | str | None = option(
+        None, "Shard set directory or URL (s3://bucket/prefix, gs://..., file://...); default "
+        "$REGIONSPOT_SHARDS/DATASET, else shards/DATASET; with proposals shards/DATASET-PROPOSALS."
+    )  # fmt: skip
+    storage_options: dict | None = option(
+        None, "Options of the --out URL's fsspec filesystem as JSON (endpoint_url, profile, ...); credentials "
+        "usually come from the protocol's own environment variables and files. Never printed."
     )  # fmt: skip
     masks: bool = option(False, "Also store SAM's mask per region (COCO RLE).")
     storage: Storage = option("wds", "Shard storage: wds (tar files) or zarr.")
@@ -68,15 +73,23 @@ class ExtractConfig(BackboneOptions):
             problems.append(f"--proposals {self.proposals}: no such file")
         if problems:
             raise RegionSpotError("; ".join(problems))
+        Location.parse(self.output_dir())  # an unknown protocol or a missing package, before any model
         return self
 
-    def output_dir(self) -> Path:
+    def output_dir(self) -> Path | str:
+        """The shard set's directory (a Path) or URL (a str)."""
         if self.out is not None:
-            return Path(self.out)
+            return path_or_url(self.out)
         name = self.dataset.split(":")[0] if ":" in self.dataset else self.dataset
         if self.proposals is not None:
             name = f"{name}-{Path(self.proposals).stem}"
         return Path(os.environ.get("REGIONSPOT_SHARDS", "shards")) / name
 
+    def output(self) -> Location:
+        """Where the shard set goes, with its storage options."""
+        return Location.parse(self.output_dir(), self.storage_options)
+
     def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out["storage_options"] = mask_options(self.storage_options or {}) or None  # never a secret
+        return out

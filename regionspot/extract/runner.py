@@ -39,7 +39,7 @@ class Plan:
     """What a run extracts, the same in every process of the run."""
 
     cfg: ExtractConfig
-    out: Path
+    out: Path | str  # the shard set's directory, or its URL
     spec: object  # models.presets.BackboneSpec
     records: list[ImageRecord]
     vocabulary: list  # data.records.Category
@@ -52,7 +52,7 @@ class Plan:
 
     @property
     def writer(self) -> ShardSetWriter:
-        return ShardSetWriter(self.out, self.cfg.storage)
+        return ShardSetWriter(self.cfg.output(), self.cfg.storage)
 
 
 def make_plan(cfg: ExtractConfig) -> Plan:
@@ -87,8 +87,9 @@ def identity(plan: Plan, backbones_info: dict) -> dict:
     )  # fmt: skip
 
 
-def run_extract(cfg: ExtractConfig) -> Path:
-    """Extract `cfg.dataset` into a shard set and return its directory.
+def run_extract(cfg: ExtractConfig) -> Path | str:
+    """Extract `cfg.dataset` into a shard set and return its directory (or its URL, for a set in an
+    object store: each shard is written locally, then uploaded before its record).
 
     Launched by torchrun or SLURM, this process extracts its rank's shards; otherwise the run
     starts one process per GPU (`--gpus`) or `--workers` CPU processes, and waits for them.
@@ -110,7 +111,9 @@ def run_extract(cfg: ExtractConfig) -> Path:
         torch.multiprocessing.spawn(_spawned, args=(world, cfg), nprocs=world, join=True)
         _finish(plan)
     if not plan.writer.finished:
-        raise RegionSpotError(f"extraction into {plan.out} did not finish every shard; run the same command again")
+        raise RegionSpotError(
+            f"extraction into {plan.writer.path} did not finish every shard; run the same command again"
+        )
     return plan.out
 
 
@@ -120,7 +123,9 @@ def _spawned(rank: int, world: int, cfg: ExtractConfig) -> None:
 
 def _device(plan: Plan, partition: Partition) -> torch.device:
     gpus = torch.cuda.device_count() if plan.cfg.gpus is None else plan.cfg.gpus
-    local = int(os.environ.get("LOCAL_RANK", partition.rank if not partition.external else 0))
+    # the launcher's local rank (torchrun: LOCAL_RANK; srun: SLURM_LOCALID); this run's own workers: rank
+    local = os.environ.get("SLURM_LOCALID", 0) if partition.external else partition.rank
+    local = int(os.environ.get("LOCAL_RANK", local))
     return resolve_device("cpu" if gpus == 0 else "auto", local_rank=local)
 
 
@@ -167,4 +172,4 @@ def _finish(plan: Plan, backbones=None) -> None:
         extra={"dataset_stats": plan.dataset["stats"], "proposals": plan.proposals},
     )  # fmt: skip
     if wrote:
-        log.info("finished the shard set %s", plan.out)
+        log.info("finished the shard set %s", plan.writer.path)

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from regionspot.shards.location import Location
+
 IDENTITY = "identity.json"
 _ABSENT = "absent"
 
@@ -46,11 +48,12 @@ def run_identity(
     }
 
 
-def read_identity(path: Path | str) -> dict | None:
-    """The identity stored in the shard set directory `path`, or None when it has none (or an unreadable one)."""
+def read_identity(path: Path | str | Location) -> dict | None:
+    """The identity stored in the shard set at `path` (a directory, a URL or a Location), or None when it
+    has none (or an unreadable one)."""
     try:
-        return json.loads((Path(path) / IDENTITY).read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(Location.parse(path).read_bytes(IDENTITY))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 

@@ -69,6 +69,12 @@ _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestT
 _jitter = random.Random()  # private: the training RNGs (python's global one included) stay untouched
 
 
+def path_or_url(where: str | os.PathLike) -> Path | str:
+    """`where` as configs keep it: a `Path` for a local path, the text itself for a URL (a `Path` would
+    fold its `//`)."""
+    return str(where) if not isinstance(where, os.PathLike) and _URL.match(str(where)) else Path(where)
+
+
 def mask_options(options: dict) -> dict:
     """`options` with the value of every key naming a secret (key, secret, token, password) as '***'."""
     out = {}
@@ -168,6 +174,10 @@ class Location:
         `storage_options` (zarr's `FsspecStore.from_url`); messages use `str()`, which hides credentials."""
         return str(self._join(name))
 
+    def display(self, name: str = "") -> str:
+        """How messages name `name` (default: the root): its path, or its URL with credentials hidden."""
+        return self._show(name)
+
     def __str__(self) -> str:
         return str(self._root) if self.is_local else _mask_url(self._root)
 
@@ -208,7 +218,7 @@ class Location:
         if self.is_local:
             try:
                 names = [e.name for e in os.scandir(self._root)]
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 names = []
         else:
 
@@ -220,6 +230,19 @@ class Location:
 
             names = self._retry("list", "", ls)
         return sorted(n for n in names if fnmatchcase(n, pattern))
+
+    def files(self, name: str) -> list[str]:
+        """The files below the directory `name` (a zarr shard), as names relative to it (`c/0/0`),
+        sorted part by part as `pathlib` sorts paths; empty when there are none."""
+        if self.is_local:
+            root = self._path(name)
+            return [p.relative_to(root).as_posix() for p in sorted(p for p in root.rglob("*") if p.is_file())]
+        prefix = f"{self._join(name)}/"
+        found = self._retry("list", name, self.fs.find, prefix)
+        # s3fs may answer without the protocol; the part after the prefix's bucket-relative path is the name
+        bare = prefix.split("://", 1)[1]
+        names = [p.split("://", 1)[-1][len(bare) :] for p in found]
+        return sorted((n for n in names if n), key=lambda n: n.split("/"))
 
     def size(self, name: str) -> int:
         """Bytes of the object `name`."""

@@ -10,15 +10,17 @@ import json
 from pathlib import Path
 
 from regionspot.errors import RegionSpotError
+from regionspot.shards.location import Location
 from regionspot.shards.schema import FORMAT, SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
 TEXT_EMBEDDINGS = "text_embeddings.npy"
 
 
-def is_finished(path: Path | str) -> bool:
-    """Whether the shard set directory `path` has its manifest (its extraction finished)."""
-    return (Path(path) / MANIFEST).is_file()
+def is_finished(path: Path | str | Location) -> bool:
+    """Whether the shard set at `path` (a directory, a URL or a Location) has its manifest (its
+    extraction finished)."""
+    return Location.parse(path).exists(MANIFEST)
 
 
 def build_manifest(
@@ -69,29 +71,35 @@ def build_manifest(
     }
 
 
-def read_manifest(path: Path) -> dict:
-    """The manifest of the shard set directory `path`, checked for format and version.
+def read_manifest(path: Path | str | Location) -> dict:
+    """The manifest of the shard set at `path` (a directory, a URL or a Location), checked for format
+    and version.
 
     Raises RegionSpotError naming the fix: no directory or no shards ("run 'regionspot extract'
     first"), shards but no manifest (the extraction has not finished), invalid JSON, another format
     or schema version."""
-    path = Path(path)
-    file = path / MANIFEST
-    if not file.is_file():
-        if not path.exists():
-            raise RegionSpotError(f"no shards in {path} (no such directory); run 'regionspot extract' first")
-        if any(path.glob("shard-*")):
-            raise RegionSpotError(
-                f"{path} has shards but no {MANIFEST}: its extraction has not finished; run the same "
-                "'regionspot extract' command again to complete it"
-            )
-        raise RegionSpotError(f"no shards in {path}; run 'regionspot extract' first")
+    where = Location.parse(path)
+    file = where.display(MANIFEST)
     try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        text = where.read_bytes(MANIFEST)
+    except (FileNotFoundError, IsADirectoryError):
+        if not where.exists(""):
+            raise RegionSpotError(
+                f"no shards in {where} (no such directory); run 'regionspot extract' first"
+            ) from None
+        if where.list("shard-*"):
+            raise RegionSpotError(
+                f"{where} has shards but no {MANIFEST}: its extraction has not finished; run the same "
+                "'regionspot extract' command again to complete it"
+            ) from None
+        raise RegionSpotError(f"no shards in {where}; run 'regionspot extract' first") from None
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RegionSpotError(f"{file}: not valid JSON ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise RegionSpotError(f"{file}: not a regionspot shard manifest (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise RegionSpotError(f"{file}: not a regionspot shard manifest (format {found!r})")
     if manifest.get("version") != SCHEMA_VERSION:
         raise RegionSpotError(
             f"{file}: shard format version {manifest.get('version')}, this regionspot reads {SCHEMA_VERSION}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -10,8 +11,10 @@ import numpy as np
 
 from regionspot.errors import RegionSpotError
 from regionspot.shards.identity import Wanted, flatten, mismatch
+from regionspot.shards.location import Location
 from regionspot.shards.manifest import MANIFEST, read_manifest
 from regionspot.shards.schema import TEXT_DTYPE, Sample
+from regionspot.shards.staging import StagedShards
 from regionspot.shards.storage import read_shard
 
 # Fields that decide what the features are, named first; weights hashes and tags/paths follow, since
@@ -30,17 +33,21 @@ def backbone_differences(a: dict, b: dict) -> list[str]:
 
 
 class ShardSet:
-    """The shard set in directory `path`, read through its manifest (nothing else is opened yet).
+    """The shard set at `path` (a directory, a URL such as `s3://bucket/sets/o365`, or a `Location`
+    carrying storage options), read through its manifest (nothing else is opened yet).
 
-    Attributes: manifest (dict), path, vocabulary (list of {id, name, synonyms, frequency}),
-    fingerprint, backbones (the manifest section), logit_scale, num_images, num_regions, shard_paths,
-    shard_samples (images per shard, manifest order), tokens (T), storage.
+    Attributes: manifest (dict), location, path (the directory as a `Path`; for a URL the Location),
+    vocabulary (list of {id, name, synonyms, frequency}), fingerprint, backbones (the manifest
+    section), logit_scale, num_images, num_regions, shard_names, shard_paths (local files the shard
+    readers open; for a URL each shard is fetched to a temporary file on first use, see
+    `staging.StagedShards`), shard_samples (images per shard, manifest order), tokens (T), storage.
     Raises RegionSpotError when the manifest is missing, malformed, or lists shards that are missing.
     """
 
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+    def __init__(self, path: Path | str | Location):
+        self.location = Location.parse(path)
+        self.path: Path | Location = self.location.local_path if self.location.is_local else self.location
+        self.manifest = read_manifest(self.location)
         try:
             self.vocabulary: list[dict] = self.manifest["vocabulary"]
             self.backbones: dict = self.manifest["backbones"]
@@ -50,19 +57,26 @@ class ShardSet:
             self.storage: str = self.manifest["storage"]
             self.num_images = int(self.manifest["dataset"]["images"])
             self.num_regions = int(self.manifest["dataset"]["regions"])
-            self.shard_paths = [self.path / s["name"] for s in self.manifest["shards"]]
+            self.shard_names: list[str] = [s["name"] for s in self.manifest["shards"]]
             self.shard_samples = [int(s["samples"]) for s in self.manifest["shards"]]
         except (KeyError, TypeError, ValueError) as e:
             raise RegionSpotError(
-                f"{self.path / MANIFEST}: malformed manifest (field {e} missing or invalid); "
+                f"{self.location.display(MANIFEST)}: malformed manifest (field {e} missing or invalid); "
                 "re-run the extraction that wrote it"
             ) from e
-        missing = [p.name for p in self.shard_paths if not p.exists()]
+        present = set(self.location.list("shard-*"))  # one listing, not a request per shard ...
+        # ... where there is one: an https server may list nothing, so what it leaves out is asked for
+        missing = [n for n in self.shard_names if n not in present and not self.location.exists(n)]
         if missing:
             raise RegionSpotError(
                 f"{self.path}: {len(missing)} shard(s) listed in the manifest are missing (first: {missing[0]}); "
                 "re-run the extraction that wrote it"
             )
+        self.shard_paths: Sequence[Path] = (
+            [self.path / n for n in self.shard_names]
+            if self.location.is_local
+            else StagedShards(self.location, self.manifest["shards"])
+        )
 
     @property
     def name(self) -> str:
@@ -73,12 +87,15 @@ class ShardSet:
 
     @cached_property
     def _text(self) -> np.ndarray:
-        file = self.path / self.manifest["text_embeddings"]["file"]
-        if not file.is_file():
-            raise RegionSpotError(f"{file} is missing; re-run the extraction that wrote {self.path}")
+        name = self.manifest["text_embeddings"]["file"]
+        file = self.location.display(name)
         try:
-            text = np.load(file, allow_pickle=False)
-        except ValueError as e:
+            data = self.location.read_bytes(name)
+        except (FileNotFoundError, IsADirectoryError):
+            raise RegionSpotError(f"{file} is missing; re-run the extraction that wrote {self.path}") from None
+        try:
+            text = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:
             raise RegionSpotError(
                 f"{file}: unreadable ({e}); re-run the extraction that wrote {self.path}"
             ) from e
@@ -137,12 +154,25 @@ class ShardSet:
         )
 
 
-def find_shardsets(root: Path | str) -> list[Path]:
-    """The finished shard set directories (those with a manifest) one or two levels under `root`, sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted({p.parent for pattern in (f"*/{MANIFEST}", f"*/*/{MANIFEST}") for p in root.glob(pattern)})
+def find_shardsets(root: Path | str | Location, depth: int = 2) -> list[Path | Location]:
+    """The finished shard sets (those with a manifest) one to `depth` levels under `root` (a directory, a
+    URL or a Location), sorted: `Path`s for local ones, `Location`s for URLs. The inside of a set (its
+    own folder, its shards) is not searched."""
+    found: list[Location] = []
+
+    def search(where: Location, level: int) -> None:
+        for name in where.list():
+            if name.startswith((".", "shard-")):
+                continue
+            child = where.child(name)
+            if child.exists(MANIFEST):
+                found.append(child)
+            elif level < depth:
+                search(child, level + 1)
+
+    search(Location.parse(root), 1)
+    found.sort(key=lambda s: s.display().split("/"))  # part by part, as paths sort
+    return [s.local_path if s.is_local else s for s in found]
 
 
 def check_mixable(sets: Sequence[ShardSet]) -> None:

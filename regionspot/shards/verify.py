@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from regionspot.errors import RegionSpotError
+from regionspot.shards.location import Location
 from regionspot.shards.manifest import read_manifest
 from regionspot.shards.schema import TEXT_DTYPE
+from regionspot.shards.staging import fetch
 from regionspot.shards.storage import SUFFIXES, read_shard, shard_checksum
 
 _ENTRY = ("name", "samples", "regions", "bytes", "sha256")
@@ -22,10 +26,13 @@ def _expected_shapes(manifest: dict) -> tuple[int | None, int | None]:
     return backbones.get("sam", {}).get("tokens"), backbones.get("clip", {}).get("width")
 
 
-def _check_shard(path: Path, entry: dict, manifest: dict, keys: dict[str, str]) -> list[str]:
-    """Faults of one present shard: checksum, then (if its bytes are right) schema and counts."""
+def _check_shard(
+    path: Path, entry: dict, manifest: dict, keys: dict[str, str], checksum: tuple[str, int] | None = None
+) -> list[str]:
+    """Faults of one present shard: checksum (`checksum` when it was taken already), then (if its bytes
+    are right) schema and counts."""
     name = entry["name"]
-    sha, nbytes = shard_checksum(path)
+    sha, nbytes = checksum or shard_checksum(path)
     if (sha, nbytes) != (entry["sha256"], entry["bytes"]):
         return [f"{name}: checksum mismatch ({nbytes} bytes, sha256 {sha[:12]}; manifest says "
                 f"{entry['bytes']} bytes, sha256 {str(entry['sha256'])[:12]})"]  # fmt: skip
@@ -66,7 +73,20 @@ def _check_shard(path: Path, entry: dict, manifest: dict, keys: dict[str, str]) 
     return faults
 
 
-def verify_shardset(path: Path | str, on_shard: Callable[[str], None] | None = None) -> list[str]:
+def _check_remote_shard(where: Location, entry: dict, manifest: dict, keys: dict[str, str]) -> list[str]:
+    """`_check_shard` for a shard in an object store: one streaming read hashes it into a scratch copy
+    (the sample readers open files), which goes once the shard is checked."""
+    scratch = where.scratch_path(entry["name"])
+    try:
+        checksum = fetch(where, entry["name"], scratch)
+        return _check_shard(scratch, entry, manifest, keys, checksum)
+    except FileNotFoundError:  # removed since the listing
+        return [f"{entry['name']}: missing"]
+    finally:
+        shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink(missing_ok=True)
+
+
+def verify_shardset(path: Path | str | Location, on_shard: Callable[[str], None] | None = None) -> list[str]:
     """Every fault of the shard set at `path`; an empty list means it is sound.
 
     Checks: each listed shard exists and matches the manifest's sha256 and byte count (and its
@@ -75,14 +95,15 @@ def verify_shardset(path: Path | str, on_shard: Callable[[str], None] | None = N
     sample and region counts per shard and in total; no unlisted shard files; the text embeddings.
 
     Args:
-        path: the shard set directory.
+        path: the shard set: a directory, a URL (each shard is streamed once, no copy of the set is
+            made) or a Location.
         on_shard: called with each shard's name once it is checked (for a progress bar).
     Returns:
         One line per fault, each naming the file (and sample) at fault.
     """
-    path = Path(path)
+    where = Location.parse(path)
     try:
-        manifest = read_manifest(path)
+        manifest = read_manifest(where)
     except RegionSpotError as e:
         return [str(e)]
     try:
@@ -92,25 +113,31 @@ def verify_shardset(path: Path | str, on_shard: Callable[[str], None] | None = N
     except (KeyError, TypeError) as e:
         return [f"manifest.json: malformed (field {e} missing or invalid)"]
     faults: list[str] = []
+    present = where.list("shard-*")
+
+    def has(name: str) -> bool:  # an https server may list nothing: what the listing lacks is asked for
+        return name in present or where.exists(name)
+
     listed = {e["name"] for e in entries}
-    extra = sorted(p.name for p in path.glob("shard-*") if p.suffix in SUFFIXES and p.name not in listed)
+    extra = [name for name in present if Path(name).suffix in SUFFIXES and name not in listed]
     faults += [f"{name}: not listed in the manifest" for name in extra]
     keys: dict[str, str] = {}
     for entry in entries:
-        shard = path / entry["name"]
-        record_file = shard.with_suffix(".json")  # shard-NNNNNN.json, written when the shard finished
-        if record_file.is_file():
+        record_file = str(Path(entry["name"]).with_suffix(".json"))  # shard-NNNNNN.json, written when the shard finished
+        if has(record_file):
             try:
-                record = json.loads(record_file.read_text())
+                record = json.loads(where.read_bytes(record_file))
                 differ = [k for k in _ENTRY if record.get(k) != entry[k]]
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 differ = ["(not valid JSON)"]
             if differ:
-                faults.append(f"{record_file.name}: {', '.join(differ)} differ from the manifest")
-        if not shard.exists():
+                faults.append(f"{record_file}: {', '.join(differ)} differ from the manifest")
+        if not has(entry["name"]):
             faults.append(f"{entry['name']}: missing")
+        elif where.is_local:
+            faults += _check_shard(where.local_path / entry["name"], entry, manifest, keys)
         else:
-            faults += _check_shard(shard, entry, manifest, keys)
+            faults += _check_remote_shard(where, entry, manifest, keys)
         if on_shard is not None:
             on_shard(entry["name"])
     sums = (sum(e["samples"] for e in entries), sum(e["regions"] for e in entries))
@@ -118,36 +145,37 @@ def verify_shardset(path: Path | str, on_shard: Callable[[str], None] | None = N
         faults.append(
             f"manifest: shards hold {sums[0]} images / {sums[1]} regions, dataset says {images} / {regions}"
         )
-    faults += _check_text(path / text_file, len(manifest.get("vocabulary", [])), manifest)
+    faults += _check_text(where, text_file, len(manifest.get("vocabulary", [])), manifest)
     return faults
 
 
-def _check_text(file: Path, vocabulary: int, manifest: dict) -> list[str]:
-    if not file.is_file():
-        return [f"{file.name}: missing"]
+def _check_text(where: Location, name: str, vocabulary: int, manifest: dict) -> list[str]:
     try:
-        text = np.load(file, allow_pickle=False)
-    except ValueError as e:
-        return [f"{file.name}: unreadable ({e})"]
+        text = np.load(io.BytesIO(where.read_bytes(name)), allow_pickle=False)
+    except (FileNotFoundError, IsADirectoryError):
+        return [f"{name}: missing"]
+    except (ValueError, EOFError, OSError) as e:
+        return [f"{name}: unreadable ({e})"]
     embed_dim = manifest.get("backbones", {}).get("clip", {}).get("embed_dim")
     if text.dtype != TEXT_DTYPE or text.ndim != 2 or text.shape[0] != vocabulary:
-        return [f"{file.name}: {text.dtype}{list(text.shape)}, expected {TEXT_DTYPE} [{vocabulary}, D]"]
+        return [f"{name}: {text.dtype}{list(text.shape)}, expected {TEXT_DTYPE} [{vocabulary}, D]"]
     if embed_dim is not None and text.shape[1] != embed_dim:
-        return [f"{file.name}: width {text.shape[1]}, manifest's CLIP embed_dim is {embed_dim}"]
+        return [f"{name}: width {text.shape[1]}, manifest's CLIP embed_dim is {embed_dim}"]
     norms = np.linalg.norm(text, axis=1)
     if not np.all(np.abs(norms - 1) < 1e-3):
-        return [f"{file.name}: rows are not L2-normalised (norms {norms.min():.3f}..{norms.max():.3f})"]
+        return [f"{name}: rows are not L2-normalised (norms {norms.min():.3f}..{norms.max():.3f})"]
     return []
 
 
-def shardset_info(path: Path | str) -> dict:
+def shardset_info(path: Path | str | Location) -> dict:
     """What `regionspot shards info` prints: dataset, storage, counts, size, vocabulary, backbones, run."""
-    manifest = read_manifest(Path(path))
+    where = Location.parse(path)
+    manifest = read_manifest(where)
     images = manifest["dataset"]["images"]
     nbytes = sum(s["bytes"] for s in manifest["shards"])
     sam, clip = manifest["backbones"]["sam"], manifest["backbones"]["clip"]
     return {
-        "path": str(path),
+        "path": str(where),
         "dataset": manifest["dataset"]["name"],
         "storage": manifest["storage"],
         "proposals": manifest["proposals"].get("source"),

@@ -11,12 +11,16 @@ How to read what it writes: `ShardSet(path)`. The files, in the order they appea
 - `text_embeddings.npy` (float32 [K, D]) and `manifest.json`: written by `finish` once every shard
   of the run has its record.
 Every JSON file is strict JSON (no NaN), written under a temporary name and renamed into place.
+
+A set at a URL (`s3://bucket/sets/o365`, see `location.py`) holds the same objects: a shard is written
+in local scratch (`Location.scratch_path`), then uploaded under its final key, and its record only
+after it, so a record still means a complete shard; the other files are single PUTs.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,39 +29,35 @@ import numpy as np
 
 from regionspot.errors import RegionSpotError
 from regionspot.shards.identity import IDENTITY, identity_differences, read_identity
+from regionspot.shards.location import Location
 from regionspot.shards.manifest import MANIFEST, TEXT_EMBEDDINGS, build_manifest, is_finished
 from regionspot.shards.schema import TEXT_DTYPE, Sample, record_name, shard_name
 from regionspot.shards.storage import STORAGES, ShardWriter, open_writer, shard_checksum
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` and rename tmp to `path`, so readers never see half a file; on failure tmp goes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _json_bytes(obj, where: str) -> bytes:
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        return (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode()
+    except ValueError as e:
+        raise RegionSpotError(f"cannot write {where}: {e} (a NaN or infinite value)") from e
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write `obj` to `path` as strict JSON, atomically.
+def write_json_atomic(path: Path | str, obj, location: Location | None = None) -> None:
+    """Write `obj` as strict JSON to the file `path`, or to the object `path` of `location`, atomically.
 
     Raises:
         RegionSpotError naming the file when `obj` holds NaN or infinity (not JSON; nothing is written).
     """
-    try:
-        text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
-    except ValueError as e:
-        raise RegionSpotError(f"cannot write {path}: {e} (a NaN or infinite value)") from e
-    _write_atomic(path, lambda tmp: tmp.write_text(text))
+    if location is None:
+        path = Path(path)
+        location, path = Location.parse(path.parent), path.name
+    location.write_bytes_atomic(str(path), _json_bytes(obj, location.display(str(path))))
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
-        np.save(f, array, allow_pickle=False)
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
 
 class OpenShard:
@@ -104,17 +104,46 @@ class OpenShard:
         self.abort() if kind is not None else self.close()
 
 
+class _UploadedShard(OpenShard):
+    """An `OpenShard` written in a local scratch directory and, on `close`, uploaded to `location`:
+    the shard first, then its record, so a record in the store still means a complete shard."""
+
+    def __init__(self, location: Location, index: int, storage: str):
+        self.location, self.scratch = location, location.scratch_path(f"shard-{index:06d}")
+        self.scratch.mkdir(parents=True)
+        super().__init__(self.scratch, index, storage)
+
+    def close(self) -> dict:
+        try:
+            record = super().close()
+            self.location.upload(self.scratch / self.name, self.name)
+            self.location.upload(self.scratch / record_name(self.index), record_name(self.index))
+        except BaseException:
+            self.record = None
+            raise
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        return record
+
+    def abort(self) -> None:
+        super().abort()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
 class ShardSetWriter:
-    """Writes the shard set in directory `path` with one storage ("wds" or "zarr").
+    """Writes the shard set at `path` (a directory, a URL or a `Location`) with one storage ("wds" or
+    "zarr").
 
     Several processes may write one set together (each its own shards): `claim` lets in every process
     of the same run, and `finish` writes the manifest for whichever finds every record present.
+    Attributes: location, path (the directory as a `Path`, or for a URL the `Location`), storage.
     """
 
-    def __init__(self, path: Path | str, storage: str):
+    def __init__(self, path: Path | str | Location, storage: str):
         if storage not in STORAGES:
             raise RegionSpotError(f"unknown storage {storage!r}; choose one of {', '.join(STORAGES)}")
-        self.path, self.storage = Path(path), storage
+        self.location, self.storage = Location.parse(path), storage
+        self.path: Path | Location = self.location.local_path if self.location.is_local else self.location
 
     def claim(self, identity: dict) -> None:
         """Record `identity` (see `run_identity`) in a new directory, or check that an existing one
@@ -126,40 +155,38 @@ class ShardSetWriter:
         """
         assert identity["storage"] == self.storage, (identity["storage"], self.storage)
         identity = json.loads(json.dumps(identity))  # compared as stored: a tuple is a JSON list
-        file = self.path / IDENTITY
-        if file.exists():
-            stored = read_identity(self.path)
+        file = self.location.display(IDENTITY)
+        if self.location.exists(IDENTITY):
+            stored = read_identity(self.location)
             if stored is None:
                 raise RegionSpotError(
                     f"{file}: not valid JSON; pass --overwrite to replace the shards in {self.path}"
                 )
             if stored != identity:
-                differs = "; ".join(identity_differences(identity, stored, str(file)))
+                differs = "; ".join(identity_differences(identity, stored, file))
                 raise RegionSpotError(
                     f"{self.path} holds shards of a different run ({differs}); "
                     "pass --overwrite to replace them, or --out to write elsewhere"
                 )
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(file, identity)
+        write_json_atomic(IDENTITY, identity, self.location)
 
     def clear(self) -> None:
         """Remove what an earlier run left in the directory (only the shard set's own files)."""
-        if not self.path.exists():
-            return
         own = (IDENTITY, MANIFEST, TEXT_EMBEDDINGS)
-        for p in self.path.iterdir():
-            if p.name in own or p.name.startswith(("shard-", ".shard-", *(f".{n}.tmp-" for n in own))):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        temporaries = (".shard-", ".tmp-", *(f".{n}.tmp-" for n in own))  # the storages' and Location's
+        for name in self.location.list():
+            if name in own or name.startswith(("shard-", *temporaries)):
+                self.location.delete(name)
 
     def is_complete(self, index: int) -> bool:
         """Whether shard `index` is written and recorded (a resumed run skips it)."""
-        return (self.path / record_name(index)).exists() and (
-            self.path / shard_name(index, self.storage)
-        ).exists()
+        return self.location.exists(record_name(index)) and self.location.exists(shard_name(index, self.storage))
 
     def open_shard(self, index: int) -> OpenShard:
         """Start shard `index`, first removing the temporary files a killed writer of it left behind."""
+        if not self.location.is_local:
+            return _UploadedShard(self.location, index, self.storage)
         for stale in self.path.glob(f".{shard_name(index, self.storage)}*"):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         return OpenShard(self.path, index, self.storage)
@@ -179,13 +206,15 @@ class ShardSetWriter:
     @property
     def finished(self) -> bool:
         """Whether the manifest is written."""
-        return is_finished(self.path)
+        return is_finished(self.location)
 
     def records(self, total: int) -> list[dict] | None:
         """The records of shards 0..total-1, or None while any of them is not complete."""
-        if not all(self.is_complete(i) for i in range(total)):
+        present = set(self.location.list("shard-*"))  # one listing, not two requests per shard
+        names = [(record_name(i), shard_name(i, self.storage)) for i in range(total)]
+        if not all(record in present and shard in present for record, shard in names):
             return None
-        return [json.loads((self.path / record_name(i)).read_text()) for i in range(total)]
+        return [json.loads(self.location.read_bytes(record)) for record, _ in names]
 
     def finish(
         self,
@@ -210,16 +239,14 @@ class ShardSetWriter:
         records = self.records(total)
         if records is None or self.finished:
             return False
-        identity = read_identity(self.path)
+        identity = read_identity(self.location)
         if identity is None:
             raise RegionSpotError(
-                f"{self.path / IDENTITY} is missing or unreadable; run the extraction again"
+                f"{self.location.display(IDENTITY)} is missing or unreadable; run the extraction again"
             )
-        text_file = self.path / TEXT_EMBEDDINGS
-        if not text_file.exists():
+        if not self.location.exists(TEXT_EMBEDDINGS):
             text = text_embeddings() if callable(text_embeddings) else text_embeddings
-            text = np.asarray(text, TEXT_DTYPE)
-            _write_atomic(text_file, lambda tmp: _save_npy(tmp, text))
+            self.location.write_bytes_atomic(TEXT_EMBEDDINGS, _npy_bytes(np.asarray(text, TEXT_DTYPE)))
         manifest = build_manifest(identity, records, vocabulary, extra, templates=templates)
-        write_json_atomic(self.path / MANIFEST, manifest)
+        write_json_atomic(MANIFEST, manifest, self.location)
         return True

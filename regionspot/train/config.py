@@ -14,6 +14,7 @@ import yaml
 
 from regionspot.errors import RegionSpotError
 from regionspot.options import check_options, flag_name, option
+from regionspot.shards.location import Location, mask_options, path_or_url
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 _PATHS = ("out", "init")
@@ -21,9 +22,14 @@ _PATHS = ("out", "init")
 
 @dataclass
 class TrainConfig:
-    shards: list[Path] = option(
-        default_factory=list, help="A shard set, or a folder of shard sets (one per dataset) to mix; repeatable."
-    )
+    shards: list[Path | str] = option(
+        default_factory=list, help="A shard set, or a folder of shard sets (one per dataset) to mix: a "
+        "directory or a URL (s3://bucket/prefix, gs://..., https://..., file://...); repeatable."
+    )  # fmt: skip
+    storage_options: dict | None = option(
+        None, "Options of the --shards URLs' fsspec filesystem as JSON (endpoint_url, profile, ...); "
+        "credentials usually come from the protocol's own environment variables and files. Never printed."
+    )  # fmt: skip
     out: Path = option(
         Path("runs/regionspot"), "Run folder: checkpoints/, tensorboard/, metrics.jsonl, config.yaml."
     )
@@ -86,7 +92,7 @@ class TrainConfig:
 
     def check(self) -> TrainConfig:
         """Collect every problem with the values and raise them at once (RegionSpotError)."""
-        self.shards = [Path(p) for p in self.shards]
+        self.shards = [path_or_url(p) for p in self.shards]
         for name in _PATHS:
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
@@ -115,6 +121,8 @@ class TrainConfig:
             problems.append("--init with --resume: --resume continues a run, --init starts one; drop one")
         if problems:
             raise RegionSpotError("; ".join(problems))
+        for p in self.shards:
+            Location.parse(p)  # an unknown protocol or a missing package, before anything runs
         self.lr_drop_steps = sorted(int(s) for s in self.lr_drop_steps)
         return self
 
@@ -124,6 +132,7 @@ class TrainConfig:
         out["shards"] = [str(p) for p in self.shards]
         for name in _PATHS:
             out[name] = None if out[name] is None else str(out[name])
+        out["storage_options"] = mask_options(self.storage_options or {}) or None  # never a secret
         return out
 
 

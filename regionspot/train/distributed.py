@@ -2,7 +2,9 @@
 
 Under torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), each process
 trains on its share of the global batch and DDP averages the gradients; NCCL on GPUs, gloo on CPUs.
-Several machines: run `torchrun --nnodes ... -m regionspot.cli train ...` yourself.
+A task started by SLURM's srun without them is ranked by SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
+(MASTER_ADDR/PORT still come from the environment). Several machines: run `torchrun --nnodes ... -m
+regionspot.cli train ...` yourself, or scripts/slurm/train.sbatch.
 """
 
 from __future__ import annotations
@@ -28,22 +30,29 @@ class Dist:
 
     @classmethod
     def from_env(cls) -> Dist:
-        return cls(
-            int(os.environ.get("RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)),
-        )
+        """Who this process is: torchrun's RANK, WORLD_SIZE, LOCAL_RANK; when RANK is unset, SLURM's
+        SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (a task started by srun); else one process."""
+        env = os.environ
+        if "RANK" not in env and "SLURM_PROCID" in env:
+            return cls(int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", 1)), int(env.get("SLURM_LOCALID", 0)))
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
     def device(self) -> torch.device:
+        """cuda:LOCAL_RANK, modulo the GPUs this process sees (a launcher may show each task only its
+        own); the CPU without CUDA."""
         if torch.cuda.is_available():
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
+            index = self.local_rank % torch.cuda.device_count()
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
         return torch.device("cpu")
 
     def init(self, device: torch.device) -> None:
         """Join the process group (once), when there is more than one rank."""
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # rank and world given, not read from RANK / WORLD_SIZE: they may come from SLURM's variables
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", rank=self.rank, world_size=self.world
+            )
 
     def all_true(self, flag: bool, device: torch.device) -> bool:
         """Whether `flag` holds on every rank (so all ranks stop together, none waits forever)."""

@@ -21,8 +21,9 @@ from regionspot.errors import RegionSpotError
 from regionspot.models.checkpoint import load_head
 from regionspot.models.head import RegionSpotHead
 from regionspot.models.scoring import best_token_logits
+from regionspot.shards.location import Location
 from regionspot.shards.manifest import MANIFEST
-from regionspot.shards.shardset import ShardSet, check_mixable
+from regionspot.shards.shardset import ShardSet, check_mixable, find_shardsets
 from regionspot.train.config import TrainConfig
 from regionspot.train.distributed import Dist
 from regionspot.train.logs import TrainLog
@@ -42,19 +43,19 @@ from regionspot.train.state import (
 from regionspot.train.stream import TrainStream
 
 
-def open_shard_sets(paths: list[Path]) -> list[ShardSet]:
-    """The shard sets named directly or found one level down in a folder of sets (sorted by name).
+def open_shard_sets(paths: list[Path | str], storage_options: dict | None = None) -> list[ShardSet]:
+    """The shard sets named directly or found one level down in a folder of sets (sorted by name);
+    each a directory or a URL (read with `storage_options`).
 
     Raises RegionSpotError for a folder without shard sets, an empty set, a set without regions, or
     sets whose backbones fingerprints differ (naming the differing fields).
     """
     sets = []
-    for p in map(Path, paths):
-        found = sorted(q.parent for q in p.glob(f"*/{MANIFEST}")) if p.is_dir() else []
-        if (p / MANIFEST).exists() or not found:
-            sets.append(ShardSet(p))  # raises "no shards in P; run 'regionspot extract' first"
-        else:
-            sets += [ShardSet(q) for q in found]
+    for p in paths:
+        where = Location.parse(p, storage_options)
+        found = [] if where.exists(MANIFEST) else find_shardsets(where, depth=1)
+        # a folder without sets is read as a set: it raises "no shards in P; run 'regionspot extract' first"
+        sets += [ShardSet(q) for q in found] if found else [ShardSet(where)]
     check_mixable(sets)
     for s in sets:
         if s.num_regions == 0:
@@ -111,7 +112,7 @@ def run_train(cfg: TrainConfig) -> Path:
         raise RegionSpotError(
             f"--batch-size {cfg.batch_size} does not split over {env.world} ranks; use a multiple"
         )
-    sets = open_shard_sets(cfg.shards)
+    sets = open_shard_sets(cfg.shards, cfg.storage_options)
     if cfg.mix_weights is not None and len(cfg.mix_weights) != len(sets):
         raise RegionSpotError(
             f"mix_weights has {len(cfg.mix_weights)} values for {len(sets)} shard sets "
