@@ -169,7 +169,7 @@ def extract(
     dataset: Annotated[str, opt(ExtractConfig, "dataset")] = ExtractConfig.dataset,
     data_root: Annotated[Path | None, opt(ExtractConfig, "data_root")] = None,
     out: Annotated[str | None, _out(ExtractConfig)] = None,
-    storage_options: StorageOptionsOpt = None,
+    storage_options: Annotated[str | None, opt(ExtractConfig, "storage_options", metavar="JSON")] = None,
     backbones: BackbonesOpt = BackboneOptions.backbones,
     sam: SamOpt = None,
     sam_checkpoint: SamCheckpointOpt = None,
@@ -290,7 +290,7 @@ def train(
     log_every: Annotated[int, opt(TrainConfig, "log_every")] = TrainConfig.log_every,
     seed: Annotated[int, opt(TrainConfig, "seed")] = TrainConfig.seed,
     max_regions: Annotated[int | None, opt(TrainConfig, "max_regions")] = None,
-    storage_options: StorageOptionsOpt = None,
+    storage_options: Annotated[str | None, opt(TrainConfig, "storage_options", metavar="JSON")] = None,
 ) -> None:  # fmt: skip
     """Train the fusion head from cached features (no backbone in the loop).
 
@@ -344,7 +344,7 @@ def eval_(
     data_root: Annotated[Path | None, opt(EvalConfig, "data_root")] = None,
     shards: Annotated[str | None, opt(EvalConfig, "shards")] = None,
     shards_root: Annotated[str | None, opt(EvalConfig, "shards_root")] = None,
-    storage_options: StorageOptionsOpt = None,
+    storage_options: Annotated[str | None, opt(EvalConfig, "storage_options", metavar="JSON")] = None,
     backbones: BackbonesOpt = BackboneOptions.backbones,
     sam: SamOpt = None,
     sam_checkpoint: SamCheckpointOpt = None,
