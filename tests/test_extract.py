@@ -136,6 +136,76 @@ def test_killed_run_resumes_to_identical_bytes(toy_root, tmp_path):
     assert json.loads((straight / MANIFEST).read_text()) == json.loads((resumed / MANIFEST).read_text())
 
 
+def test_a_shard_lock_is_free_once_its_owner_is_gone(tmp_path):
+    from regionspot.shards.locks import ShardLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from regionspot.shards.locks import ShardLock; "
+         f"ShardLock({str(tmp_path)!r}, 3).acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = ShardLock(tmp_path, 3)
+        assert not lock.acquire(blocking=False)  # a live owner
+        assert lock.owner().endswith(str(holder.pid))
+        assert ShardLock(tmp_path, 4).acquire(blocking=False)  # another shard's lock is another lock
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.acquire(blocking=False)  # the kernel dropped the dead owner's lock
+    lock.release()
+
+
+@pytest.mark.slow
+def test_two_unranked_runs_into_one_out_share_the_work(toy_root, tmp_path):
+    """A second `extract` started by mistake into the same --out neither kills nor repeats the first."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(_extract_cmd(toy_root, straight), check=True, env=env, capture_output=True)
+    shared = tmp_path / "shared"
+    first = subprocess.Popen(_extract_cmd(toy_root, shared), env=env, stderr=subprocess.PIPE, text=True)
+    writer = ShardSetWriter(shared, "wds")
+    deadline = time.time() + 120
+    while not writer.is_complete(0) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.01)  # the first is under way: the second meets a shard in flight
+    second = subprocess.Popen(_extract_cmd(toy_root, shared), env=env, stderr=subprocess.PIPE, text=True)
+    errors = [first.communicate()[1], second.communicate()[1]]
+    assert (first.returncode, second.returncode) == (0, 0), errors
+    assert verify_shardset(shared) == []
+    for name in sorted(p.name for p in straight.iterdir()):
+        assert (straight / name).read_bytes() == (shared / name).read_bytes(), name
+    assert not list(shared.glob(".*"))  # no temporary file, no lock left
+
+
+def test_a_full_disk_ends_in_one_line_and_keeps_the_finished_shards(toy_root, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    measured = run_extract(_cfg(toy_root, tmp_path / "measure", limit=8))
+
+    def pages(*names):  # what tmpfs charges: whole 4 KiB pages per file
+        return sum(-(-(measured / n).stat().st_size // 4096) * 4096 for n in names)
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # the identity, the first shard and its record fit; half the second shard does not
+    size = pages(IDENTITY, "shard-000000.tar", "shard-000000.json") + pages("shard-000001.tar") // 2
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(RegionSpotError) as error:
+            run_extract(_cfg(toy_root, disk / "s", limit=8))
+        message = str(error.value)
+        assert "no space left on device" in message and str(disk / "s") in message and "\n" not in message
+        assert not [p.name for p in (disk / "s").iterdir() if ".tmp-" in p.name]  # nothing half-written
+        writer = ShardSetWriter(disk / "s", "wds")
+        assert writer.is_complete(0) and not writer.is_complete(1)
+        assert (disk / "s" / "shard-000000.tar").read_bytes() == (measured / "shard-000000.tar").read_bytes()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 # --- the image path: workers read, the device decodes ---------------------------------------------
 
 EXIF_ORIENTATION = 0x0112

@@ -8,6 +8,7 @@ finishes last (or by a re-run of the same command).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -138,11 +139,36 @@ def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) ->
     writer = plan.writer
     writer.claim(identity(plan, backbones.info()))
     todo = [i for i in shards_of(partition, plan.total_shards) if not writer.is_complete(i)]
-    if todo:
-        workers = (cfg.workers if cfg.workers is not None else 8) if device.type == "cuda" else 0
-        positions = [p for i in todo for p in range(i * cfg.shard_size, min((i + 1) * cfg.shard_size, len(plan.records)))]
-        progress = ExtractProgress(len(positions), count_regions([plan.records[p] for p in positions]), show_progress)
-        sink = ShardSink(writer)
+    # Another run of the same identity may be writing some of these (two commands into one --out):
+    # this run takes the shards it can lock, then waits for the others' and does any whose owner died.
+    held, busy = [], []
+    for i in todo:
+        lock = writer.lock(i)
+        (held if lock is None or lock.acquire(blocking=False) else busy).append((i, lock))
+    try:
+        _extract_shards(plan, [i for i, _ in held], backbones, device, partition, show_progress)
+    finally:
+        for _, lock in held:
+            if lock is not None:
+                lock.release()
+    for i, lock in busy:
+        log.warning("shard %d is being written by another run (%s); waiting for it", i, lock.owner() or "?")
+        with lock:
+            if not writer.is_complete(i):  # its owner died: this run writes it
+                _extract_shards(plan, [i], backbones, device, partition, show_progress)
+    _finish(plan, backbones)
+
+
+def _extract_shards(plan: Plan, todo: list[int], backbones, device, partition: Partition, show: bool) -> None:
+    """Extract shards `todo` (this process may write them) with a progress bar and the time split."""
+    if not todo:
+        return
+    cfg, writer = plan.cfg, plan.writer
+    workers = (cfg.workers if cfg.workers is not None else 8) if device.type == "cuda" else 0
+    positions = [p for i in todo for p in range(i * cfg.shard_size, min((i + 1) * cfg.shard_size, len(plan.records)))]
+    progress = ExtractProgress(len(positions), count_regions([plan.records[p] for p in positions]), show)
+    sink = ShardSink(writer)
+    try:
         with progress:
             try:
                 seconds = extract_shards(
@@ -152,9 +178,15 @@ def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) ->
                 )
             finally:
                 sink.close()
-        seconds["write (sink thread, overlapped)"] = sink.busy_seconds
-        progress.report(seconds, rank=partition.rank)
-    _finish(plan, backbones)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise RegionSpotError(
+            f"{writer.path}: no space left on device; the unfinished shard was removed and the finished ones "
+            "are kept: free some space and run the same command again to continue"
+        ) from None
+    seconds["write (sink thread, overlapped)"] = sink.busy_seconds
+    progress.report(seconds, rank=partition.rank)
 
 
 def _finish(plan: Plan, backbones=None) -> None:

@@ -78,7 +78,10 @@ class ShardSink:
         except BaseException as e:  # surfaced on the compute thread's next call
             self._error = e
             if shard is not None:
-                shard.abort()
+                try:
+                    shard.abort()
+                except OSError:  # e.g. the disk that failed the write: the first error is the one to report
+                    pass
             while True:  # unblock a producer waiting on a full queue
                 try:
                     self._queue.get_nowait()

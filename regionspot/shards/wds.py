@@ -58,8 +58,13 @@ class WdsShardWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self._tar.close()
-        self.tmp.unlink(missing_ok=True)
+        """Drop the unfinished tar, also when closing it fails (a full disk fails the end blocks too)."""
+        try:
+            self._tar.close()
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> WdsShardWriter:
         return self

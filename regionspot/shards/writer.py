@@ -30,6 +30,7 @@ import numpy as np
 from regionspot.errors import RegionSpotError
 from regionspot.shards.identity import IDENTITY, identity_differences, read_identity
 from regionspot.shards.location import Location
+from regionspot.shards.locks import LOCK_GLOB, ShardLock
 from regionspot.shards.manifest import MANIFEST, TEXT_EMBEDDINGS, build_manifest, is_finished
 from regionspot.shards.schema import TEXT_DTYPE, Sample, record_name, shard_name
 from regionspot.shards.storage import STORAGES, ShardWriter, open_writer, shard_checksum
@@ -183,8 +184,16 @@ class ShardSetWriter:
         """Whether shard `index` is written and recorded (a resumed run skips it)."""
         return self.location.exists(record_name(index)) and self.location.exists(shard_name(index, self.storage))
 
+    def lock(self, index: int) -> ShardLock | None:
+        """The lock a writer of shard `index` holds (shards/locks.py); None for a URL (no locks there)."""
+        return ShardLock(self.path, index) if self.location.is_local else None
+
     def open_shard(self, index: int) -> OpenShard:
-        """Start shard `index`, first removing the temporary files a killed writer of it left behind."""
+        """Start shard `index`, first removing the temporary files a killed writer of it left behind.
+
+        Where several runs may write the set (not told apart by rank), call this only while holding
+        `lock(index)`: the temporary files are then surely a dead writer's.
+        """
         if not self.location.is_local:
             return _UploadedShard(self.location, index, self.storage)
         for stale in self.path.glob(f".{shard_name(index, self.storage)}*"):
@@ -249,4 +258,7 @@ class ShardSetWriter:
             self.location.write_bytes_atomic(TEXT_EMBEDDINGS, _npy_bytes(np.asarray(text, TEXT_DTYPE)))
         manifest = build_manifest(identity, records, vocabulary, extra, templates=templates)
         write_json_atomic(MANIFEST, manifest, self.location)
+        if self.location.is_local:  # every shard is complete: no writer will want a lock again
+            for lock in self.path.glob(LOCK_GLOB):
+                lock.unlink(missing_ok=True)
         return True
