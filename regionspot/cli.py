@@ -10,6 +10,8 @@ inside each command: `regionspot --help` loads no model library.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -149,38 +151,39 @@ def _device(config: type) -> Any:
     return opt(config, "device", metavar="<auto|cpu|cuda|cuda:N>", callback=_device_name)
 
 
-BackbonesOpt = Annotated[Preset, opt(BackboneOptions, "backbones")]
-SamOpt = Annotated[SamModel | None, opt(BackboneOptions, "sam")]
-SamCheckpointOpt = Annotated[str | None, opt(BackboneOptions, "sam_checkpoint")]
-ClipOpt = Annotated[str | None, opt(BackboneOptions, "clip")]
-ClipPretrainedOpt = Annotated[str | None, opt(BackboneOptions, "clip_pretrained")]
-ClipSizeOpt = Annotated[int | None, opt(BackboneOptions, "clip_size")]
-SamTokensOpt = Annotated[SamTokens | None, opt(BackboneOptions, "sam_tokens")]
-ClipAntialiasOpt = Annotated[bool, opt(BackboneOptions, "clip_antialias")]
-PrecisionOpt = Annotated[Precision | None, opt(BackboneOptions, "precision")]
-SamAttentionOpt = Annotated[SamAttention, opt(BackboneOptions, "sam_attention")]
-CompileOpt = Annotated[bool, opt(BackboneOptions, "compile")]
+# The backbone flags of extract, eval and predict, declared once: the fields of BackboneOptions.
+_BACKBONE_TYPES = {
+    "backbones": Preset, "sam": SamModel | None, "sam_checkpoint": str | None, "clip": str | None,
+    "clip_pretrained": str | None, "clip_size": int | None, "sam_tokens": SamTokens | None,
+    "clip_antialias": bool, "precision": Precision | None, "sam_attention": SamAttention, "compile": bool,
+}  # fmt: skip
+_BACKBONE_PARAMS = [
+    inspect.Parameter(
+        f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+        annotation=Annotated[_BACKBONE_TYPES[f.name], opt(BackboneOptions, f.name)],
+    )  # fmt: skip
+    for f in dataclasses.fields(BackboneOptions)
+]
+
+
+def _with_backbone_options(command):
+    """Give `command` the backbone flags in place of its `**backbone` parameter: typer reads the
+    signature, the values arrive as keyword arguments (and in ctx.params, which the command uses)."""
+    signature = inspect.signature(command, eval_str=True)  # the annotations themselves, not their text
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    command.__signature__ = signature.replace(parameters=params + _BACKBONE_PARAMS)
+    return command
 
 
 # --- extract ---
 @app.command(cls=_Command)
+@_with_backbone_options
 def extract(
     ctx: typer.Context,
     dataset: Annotated[str, opt(ExtractConfig, "dataset")] = ExtractConfig.dataset,
     data_root: Annotated[Path | None, opt(ExtractConfig, "data_root")] = None,
     out: Annotated[str | None, _out(ExtractConfig)] = None,
     storage_options: Annotated[str | None, opt(ExtractConfig, "storage_options", metavar="JSON")] = None,
-    backbones: BackbonesOpt = BackboneOptions.backbones,
-    sam: SamOpt = None,
-    sam_checkpoint: SamCheckpointOpt = None,
-    clip: ClipOpt = None,
-    clip_pretrained: ClipPretrainedOpt = None,
-    clip_size: ClipSizeOpt = None,
-    sam_tokens: SamTokensOpt = None,
-    clip_antialias: ClipAntialiasOpt = False,
-    precision: PrecisionOpt = None,
-    sam_attention: SamAttentionOpt = BackboneOptions.sam_attention,
-    compile: CompileOpt = False,
     masks: Annotated[bool, opt(ExtractConfig, "masks")] = ExtractConfig.masks,
     storage: Annotated[Storage, opt(ExtractConfig, "storage")] = ExtractConfig.storage,
     shard_size: Annotated[int, opt(ExtractConfig, "shard_size")] = ExtractConfig.shard_size,
@@ -193,6 +196,7 @@ def extract(
     overwrite: Annotated[bool, opt(ExtractConfig, "overwrite")] = ExtractConfig.overwrite,
     allow_outside_root: Annotated[bool, opt(ExtractConfig, "allow_outside_root")] = False,
     size_mismatch: Annotated[SizeMismatch, opt(ExtractConfig, "size_mismatch")] = ExtractConfig.size_mismatch,
+    **backbone: Any,
 ) -> None:
     """Run frozen SAM + CLIP once over a dataset and cache their outputs in shards.
 
@@ -336,6 +340,7 @@ def convert_official(
 
 # --- eval ---
 @app.command("eval", cls=_Command)
+@_with_backbone_options
 def eval_(
     ctx: typer.Context,
     checkpoint: Annotated[Path | None, opt(EvalConfig, "checkpoint")] = None,
@@ -345,17 +350,6 @@ def eval_(
     shards: Annotated[str | None, opt(EvalConfig, "shards")] = None,
     shards_root: Annotated[str | None, opt(EvalConfig, "shards_root")] = None,
     storage_options: Annotated[str | None, opt(EvalConfig, "storage_options", metavar="JSON")] = None,
-    backbones: BackbonesOpt = BackboneOptions.backbones,
-    sam: SamOpt = None,
-    sam_checkpoint: SamCheckpointOpt = None,
-    clip: ClipOpt = None,
-    clip_pretrained: ClipPretrainedOpt = None,
-    clip_size: ClipSizeOpt = None,
-    sam_tokens: SamTokensOpt = None,
-    clip_antialias: ClipAntialiasOpt = False,
-    precision: PrecisionOpt = None,
-    sam_attention: SamAttentionOpt = BackboneOptions.sam_attention,
-    compile: CompileOpt = False,
     method: Annotated[Method, opt(EvalConfig, "method")] = EvalConfig.method,
     max_dets: Annotated[int, opt(EvalConfig, "max_dets")] = EvalConfig.max_dets,
     candidates: Annotated[int, opt(EvalConfig, "candidates")] = EvalConfig.candidates,
@@ -368,6 +362,7 @@ def eval_(
     gpus: Annotated[int | None, opt(EvalConfig, "gpus")] = None,
     limit: Annotated[int | None, opt(EvalConfig, "limit")] = None,
     allow_outside_root: Annotated[bool, opt(EvalConfig, "allow_outside_root")] = False,
+    **backbone: Any,
 ) -> None:
     """Evaluate a checkpoint on LVIS / COCO with GT boxes or a detector's proposals (paper Table 1).
 
@@ -383,6 +378,7 @@ def eval_(
 
 # --- predict ---
 @app.command(cls=_Command)
+@_with_backbone_options
 def predict(
     ctx: typer.Context,
     images: Annotated[list[str], typer.Argument(help=field_metadata(PredictConfig, "images")["help"],
@@ -393,17 +389,6 @@ def predict(
     boxes_file: Annotated[Path | None, opt(PredictConfig, "boxes_file")] = None,
     points: Annotated[str | None, opt(PredictConfig, "points")] = None,
     checkpoint: Annotated[Path | None, opt(PredictConfig, "checkpoint")] = None,
-    backbones: BackbonesOpt = BackboneOptions.backbones,
-    sam: SamOpt = None,
-    sam_checkpoint: SamCheckpointOpt = None,
-    clip: ClipOpt = None,
-    clip_pretrained: ClipPretrainedOpt = None,
-    clip_size: ClipSizeOpt = None,
-    sam_tokens: SamTokensOpt = None,
-    clip_antialias: ClipAntialiasOpt = False,
-    precision: PrecisionOpt = None,
-    sam_attention: SamAttentionOpt = BackboneOptions.sam_attention,
-    compile: CompileOpt = False,
     masks: Annotated[bool, opt(PredictConfig, "masks")] = PredictConfig.masks,
     attention: Annotated[bool, opt(PredictConfig, "attention")] = PredictConfig.attention,
     embeddings: Annotated[bool, opt(PredictConfig, "embeddings")] = PredictConfig.embeddings,
@@ -413,6 +398,7 @@ def predict(
     max_boxes: Annotated[int | None, opt(PredictConfig, "max_boxes")] = None,
     device: Annotated[str, _device(PredictConfig)] = PredictConfig.device,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    **backbone: Any,
 ) -> None:  # fmt: skip
     """Name regions of your own images: boxes, clicks or SAM's automatic regions, any vocabulary.
 
