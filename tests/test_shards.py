@@ -739,6 +739,9 @@ def test_claim_names_each_differing_field(tmp_path):
     same["backbones"]["clip"]["mean"] = (0.5, 0.25)
     ShardSetWriter(tmp_path / "tuple", "wds").claim(same)
     ShardSetWriter(tmp_path / "tuple", "wds").claim(same)  # a tuple reads back as a list: the same run
+    ran = identity("wds", limit=3)
+    ran["backbones"]["runtime"] = {"precision": "fp16", "compile": True}  # how it ran: not what it computes
+    ShardSetWriter(out, "wds").claim(ran)  # resumed in another precision: the same run
     with pytest.raises(RegionSpotError) as e:
         ShardSetWriter(out, "wds").claim(identity("wds", limit=5))
     msg = str(e.value)

@@ -68,11 +68,18 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# How the backbones ran (precision, attention kernel, compile): recorded, but the same run may resume
+# with other settings, since they move the features only within float rounding (no fingerprint change).
+RUNTIME = "backbones.runtime."
+
+
 def identity_differences(here: dict, there: dict, where: str) -> list[str]:
     """How the identity `here` differs from `there` (stored in `where`), one phrase per differing leaf,
     in sorted key order: "run.limit differs: 5 here, 3 in shards/toy/identity.json"."""
     a, b = flatten(here), flatten(there)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT))
+    keys = sorted(
+        k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT) and not k.startswith(RUNTIME)
+    )
     return [f"{k} differs: {a.get(k, _ABSENT)} here, {b.get(k, _ABSENT)} in {where}" for k in keys]
 
 

@@ -20,14 +20,14 @@ from regionspot.shards.storage import read_shard
 # Fields that decide what the features are, named first; weights hashes and tags/paths follow, since
 # they explain a fingerprint difference only when no model field does.
 _WHY_LAST = ("weights_sha256", "pretrained", "checkpoint")
-_NEVER = ("fingerprint", "imported")
+_NEVER = ("fingerprint", "imported")  # and how the backbones ran: "runtime.*"
 
 
 def backbone_differences(a: dict, b: dict) -> list[str]:
     """How two manifests' "backbones" sections differ, as "clip.model differs: X vs Y" phrases:
     model fields (model, tokens, image_size, width, ...) first, then weights hashes and tags."""
     fa, fb = flatten(a), flatten(b)
-    keys = [k for k in sorted(set(fa) | set(fb)) if not k.endswith(_NEVER) and fa.get(k) != fb.get(k)]
+    keys = [k for k in sorted(set(fa) | set(fb)) if not k.endswith(_NEVER) and not k.startswith("runtime.") and fa.get(k) != fb.get(k)]
     keys.sort(key=lambda k: k.endswith(_WHY_LAST))
     return [f"{k} differs: {fa.get(k)} vs {fb.get(k)}" for k in keys]
 

@@ -163,8 +163,9 @@ class ShardSetWriter:
                 raise RegionSpotError(
                     f"{file}: not valid JSON; pass --overwrite to replace the shards in {self.path}"
                 )
-            if stored != identity:
-                differs = "; ".join(identity_differences(identity, stored, file))
+            differences = identity_differences(identity, stored, file)
+            if differences:
+                differs = "; ".join(differences)
                 raise RegionSpotError(
                     f"{self.path} holds shards of a different run ({differs}); "
                     "pass --overwrite to replace them, or --out to write elsewhere"
