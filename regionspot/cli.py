@@ -124,6 +124,22 @@ def shards_verify(
     typer.echo(f"ok: {len(manifest['shards'])} shards, {manifest['dataset']['images']} images")
 
 
+@shards_app.command("reindex")
+def shards_reindex(
+    directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
+) -> None:
+    """Write the per-sample index into a shard set's records, in place (format version 1 -> 2).
+
+    Training and evaluation read a sample in one read through the index and check it. Each shard is first
+    checked against the manifest's sha256: a damaged shard is refused, never indexed.
+    """
+    from regionspot.shards.reindex import reindex_shardset
+
+    manifest = reindex_shardset(directory)
+    typer.echo(f"indexed: {len(manifest['shards'])} shards, {manifest['dataset']['images']} images "
+               f"(format version {manifest['version']})")
+
+
 # --- end shards ---
 
 # --- train ---
@@ -143,6 +159,7 @@ def train(
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (and at the end).")] = None,
     log_every: Annotated[int | None, typer.Option(help="Write metrics.jsonl / TensorBoard every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the head's initialisation, the data stream and dropout.")] = None,
+    verify_reads: Annotated[bool | None, typer.Option("--verify-reads/--no-verify-reads", help="Check each sample's checksum as it is read (default); --no-verify-reads for sets already checked with 'regionspot shards verify'.")] = None,
 ) -> None:
     """Train the fusion head from cached features (no backbone in the loop).
 
@@ -154,7 +171,7 @@ def train(
 
     cfg = resolve_config(recipe, shards=shards, out=out, steps=steps, batch_size=batch_size, lr=lr,
                          warmup_steps=warmup_steps, init=init, resume=resume or None, gpus=gpus, workers=workers,
-                         save_every=save_every, log_every=log_every, seed=seed)
+                         save_every=save_every, log_every=log_every, seed=seed, verify_reads=verify_reads)
     if (cfg.gpus or 0) > 1 and not launched_by_torchrun():
         raise typer.Exit(torchrun(cfg.gpus, sys.argv[1:]))
     from regionspot.train.trainer import run_train

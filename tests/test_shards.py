@@ -22,7 +22,7 @@ from regionspot.shards.loader import Batch, batch_plan, collate, iter_batches, r
 from regionspot.shards.manifest import MANIFEST, TEXT_EMBEDDINGS, build_manifest, is_finished, read_manifest
 from regionspot.shards.schema import ARRAY_FIELDS, SAM_DIM, Sample, record_name, shard_name
 from regionspot.shards.shardset import ShardSet, check_mixable, find_shardsets
-from regionspot.shards.storage import iter_shard, open_writer, read_shard, shard_checksum
+from regionspot.shards.storage import iter_shard, open_writer, read_shard, scan_index, shard_checksum
 from regionspot.shards.verify import shardset_info, verify_shardset
 from regionspot.shards.writer import ShardSetWriter, write_json_atomic
 
@@ -260,7 +260,7 @@ def test_wds_object_array_raises(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     UNPICKLED.clear()
-    with pytest.raises(RegionSpotError, match="unreadable shard"):
+    with pytest.raises(RegionSpotError, match="sample 0000: boxes: holds Python objects"):
         list(read_shard(path))
     assert UNPICKLED == []
 
@@ -522,7 +522,7 @@ def test_wds_offset_skips_earlier_members_unread(tmp_path):
     data = bytearray(path.read_bytes())
     data[member.offset_data : member.offset_data + 8] = b"garbage!"  # breaks the .npy magic of sample 0
     path.write_bytes(bytes(data))
-    with pytest.raises(RegionSpotError, match="unreadable shard"):
+    with pytest.raises(RegionSpotError, match="sample 0000: clip_map: not a .npy array"):
         list(read_shard(path))
     assert [s.key for s in read_shard(path, start=1)] == ["0001", "0002"]
 
@@ -767,10 +767,13 @@ def test_writer_records_and_finish(tmp_path, storage):
         return text_embeddings()
 
     first = writer.write_shard(0, make_samples(), skipped=[("0009", "cannot decode")])
+    layout, index = scan_index(writer.path / first["name"], checksums=True)  # the index as the bytes say
     assert first == {"index": 0, "name": shard_name(0, storage), "samples": 5, "regions": 9,
                      "bytes": shard_checksum(writer.path / first["name"])[1],
                      "sha256": shard_checksum(writer.path / first["name"])[0],
-                     "skipped": [{"key": "0009", "reason": "cannot decode"}]}  # fmt: skip
+                     "skipped": [{"key": "0009", "reason": "cannot decode"}],
+                     "layout": layout, "sample_index": index}  # fmt: skip
+    assert layout == {"tokens": 1, "clip_map": [L, C]} and [e["regions"] for e in index] == [3, 0, 5, 1, 0]
     assert json.loads((writer.path / record_name(0)).read_text()) == first
     assert writer.is_complete(0) and not writer.is_complete(1)
     assert writer.records(2) is None
@@ -779,7 +782,8 @@ def test_writer_records_and_finish(tmp_path, storage):
     with writer.open_shard(1) as shard:
         for s in make_samples(seed=1, counts=(2, 1), start=5):
             shard.write(s)
-    assert writer.records(2) == [first, shard.record]
+    summary = [{k: v for k, v in r.items() if k != "sample_index"} for r in (first, shard.record)]
+    assert writer.records(2) == summary  # the index stays in the files
     assert writer.finish(2, VOCAB, text, templates=TEMPLATES) and calls == [1]
     assert not writer.finish(2, VOCAB, text, templates=TEMPLATES) and calls == [1]  # already finished
     ss = ShardSet(writer.path)

@@ -69,12 +69,12 @@ def build_manifest(
     }
 
 
-def read_manifest(path: Path) -> dict:
-    """The manifest of the shard set directory `path`, checked for format and version.
+def read_manifest(path: Path, versions: tuple[int, ...] = (SCHEMA_VERSION,)) -> dict:
+    """The manifest of the shard set directory `path`, checked for format and version (one of `versions`).
 
     Raises RegionSpotError naming the fix: no directory or no shards ("run 'regionspot extract'
     first"), shards but no manifest (the extraction has not finished), invalid JSON, another format
-    or schema version."""
+    or schema version (version 1, without the per-sample index: "run 'regionspot shards reindex'")."""
     path = Path(path)
     file = path / MANIFEST
     if not file.is_file():
@@ -92,7 +92,12 @@ def read_manifest(path: Path) -> dict:
         raise RegionSpotError(f"{file}: not valid JSON ({e})") from e
     if manifest.get("format") != FORMAT:
         raise RegionSpotError(f"{file}: not a regionspot shard manifest (format {manifest.get('format')!r})")
-    if manifest.get("version") != SCHEMA_VERSION:
+    if manifest.get("version") == 1 and 1 not in versions:
+        raise RegionSpotError(
+            f"{path}: shard format version 1 has no per-sample index; run 'regionspot shards reindex {path}' "
+            "once to add it (in place; the shards stay as they are)"
+        )
+    if manifest.get("version") not in versions:
         raise RegionSpotError(
             f"{file}: shard format version {manifest.get('version')}, this regionspot reads {SCHEMA_VERSION}; "
             "re-extract with this version"

@@ -66,6 +66,9 @@ class TrainConfig:
     num_heads: int = 8
     shuffle_labels: bool = False
     """A control: every region gets a seeded random label (the quickstart compares against it)."""
+    verify_reads: bool = True
+    """Check every sample's checksum against its shard's index as it is read (False: for sets already
+    checked with `regionspot shards verify`; shapes, dtypes and labels are checked either way)."""
 
     def check(self) -> TrainConfig:
         """Collect every problem with the values and raise them at once (RegionSpotError)."""

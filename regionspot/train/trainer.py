@@ -174,6 +174,7 @@ def run_train(cfg: TrainConfig) -> Path:
         position=position,
         pin_memory=device.type == "cuda",
         prefetch=cfg.prefetch,
+        verify=cfg.verify_reads,
     )
     resolved = cfg.to_json() | {"head": config, "fingerprint": fingerprint, "world": env.world}
     if env.main:
