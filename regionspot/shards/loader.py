@@ -11,6 +11,7 @@ copied once, from the page cache to the batch, and checked on the way (shards/in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -98,23 +99,28 @@ def _allocate(b: int, n: int, t: int, clip_shape: tuple[int, int], pin: bool = F
     offsets, total = {}, 0
     for name, (shape, dtype) in specs.items():
         offsets[name] = total
-        total += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
+        total += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
     if torch.utils.data.get_worker_info() is not None:
         flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
-    else:
-        flat = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    elif pin:
+        flat = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    else:  # numpy asks the kernel for huge pages for large arrays: far fewer page faults as reads fill it
+        flat = torch.from_numpy(np.empty(total, np.uint8))
     return {
-        name: flat[offsets[name] : offsets[name] + int(np.prod(shape)) * dtype.itemsize].view(dtype).view(shape)
+        name: flat[offsets[name] : offsets[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
         for name, (shape, dtype) in specs.items()
     }
 
 
-def _pad(arrays: dict[str, np.ndarray], i: int, k: int) -> None:
-    """Mark row i's first k regions real and zero the padding after them (label -1)."""
-    for name in _PADDED:
-        arrays[name][i, k:] = 0
-    arrays["labels"][i, k:] = -1
-    arrays["region_mask"][i, :k], arrays["region_mask"][i, k:] = True, False
+def _pad(arrays: dict[str, np.ndarray], counts: Sequence[int]) -> None:
+    """Mark each row's first counts[i] regions real and zero the padding after them (label -1)."""
+    n = arrays["region_mask"].shape[1]
+    arrays["region_mask"][...] = np.arange(n) < np.asarray(counts, np.int64)[:, None]  # (B, N)
+    for i, k in enumerate(counts):
+        if k < n:
+            for name in _PADDED:
+                arrays[name][i, k:] = 0
+            arrays["labels"][i, k:] = -1
 
 
 def _batch(samples: Sequence[Sample], tensors: dict[str, torch.Tensor]) -> Batch:
@@ -158,7 +164,7 @@ def collate(samples: list[Sample], pin: bool = False) -> Batch:
         for name in (*_PADDED, "labels"):
             arrays[name][i, :k] = getattr(s, name)
         arrays["clip_map"][i] = s.clip_map
-        _pad(arrays, i, k)
+    _pad(arrays, [s.num_regions for s in samples])
     return _batch(samples, tensors)
 
 
@@ -220,8 +226,8 @@ def assemble(refs: Sequence[SampleRef], verify: bool = True, pin: bool = False) 
             labels = labels[rows]
         arrays["labels"][i, :k] = labels
         sample.labels = labels
-        _pad(arrays, i, k)
         samples.append(sample)
+    _pad(arrays, counts)
     return _batch(samples, tensors), samples
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -23,7 +24,6 @@ from regionspot.errors import RegionSpotError
 from regionspot.shards.index import MEMBERS, ShardFault, checksum, make_layout
 from regionspot.shards.location import Location
 from regionspot.shards.schema import (
-    ARRAY_FIELDS,
     META_FIELDS,
     STORED_DTYPES,
     Sample,
@@ -124,55 +124,65 @@ class WdsShardWriter:
 
 # --- reading ------------------------------------------------------------------------------------------
 
-_HEADERS: dict[bytes, tuple] = {}  # .npy header bytes -> (shape, dtype, header length): a shard repeats few
+_HEADERS: dict[bytes, tuple] = {}  # .npy header bytes -> (shape, dtype): a shard repeats a few headers
 
 
-def npy_header(buf: np.ndarray) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, header length) of the .npy bytes starting `buf` (a uint8 array), parsed with
-    numpy's header reader (a literal, never a pickle); object dtypes and Fortran order are refused.
-
-    Raises:
-        ValueError naming what is wrong.
-    """
-    prefix = buf[:12].tobytes()
-    if prefix[:6] != b"\x93NUMPY" or len(prefix) < 12:
-        raise ValueError("not a .npy array (bad magic)")
-    major = prefix[6]
-    if major not in (1, 2):
-        raise ValueError(f".npy format version {major} is not read")
-    total = 10 + int.from_bytes(prefix[8:10], "little") if major == 1 else 12 + int.from_bytes(prefix[8:12], "little")
-    if total > len(buf):
-        raise ValueError(f".npy header of {total} bytes, {len(buf)} available")
-    raw = buf[:total].tobytes()
+def _parse_header(raw: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the whole .npy header `raw`, parsed once per distinct header with numpy's header
+    reader (a literal, never a pickle); object dtypes and Fortran order are refused (ValueError)."""
     parsed = _HEADERS.get(raw)
     if parsed is None:
         head = io.BytesIO(raw)
-        np.lib.format.read_magic(head)
-        reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        version = np.lib.format.read_magic(head)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = reader(head)
+        if head.tell() != len(raw):
+            raise ValueError("its .npy header does not end where its data starts")
         if dtype.hasobject:
             raise ValueError("holds Python objects (they would need unpickling); refused")
         if fortran and len(shape) > 1:
             raise ValueError("is stored in Fortran order; the writer stores C order")
         if len(_HEADERS) > 4096:
             _HEADERS.clear()
-        parsed = _HEADERS[raw] = (tuple(shape), dtype, total)
+        parsed = _HEADERS[raw] = (tuple(shape), dtype)
     return parsed
 
 
+def npy_header(buf: np.ndarray) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) of the .npy bytes starting `buf` (a uint8 array).
+
+    Raises:
+        ValueError naming what is wrong (bad magic, an unread version, a header longer than `buf`, an
+        object dtype, Fortran order).
+    """
+    prefix = buf[:12].tobytes()
+    if len(prefix) < 12 or prefix[:6] != b"\x93NUMPY":
+        raise ValueError("not a .npy array (bad magic)")
+    if prefix[6] not in (1, 2):
+        raise ValueError(f".npy format version {prefix[6]} is not read")
+    total = 10 + int.from_bytes(prefix[8:10], "little") if prefix[6] == 1 else 12 + int.from_bytes(prefix[8:12], "little")
+    if total > len(buf):
+        raise ValueError(f".npy header of {total} bytes, {len(buf)} available")
+    return (*_parse_header(buf[:total].tobytes()), total)
+
+
 def _preadv_all(fd: int, views: list[np.ndarray], offset: int) -> None:
-    """Fill `views` (writable uint8 arrays) from consecutive bytes of `fd` at `offset`: one `preadv`
+    """Fill `views` (writable C-contiguous arrays) from consecutive bytes of `fd` at `offset`: one `preadv`
     (more only if the kernel returns early)."""
-    while views:
-        got = os.preadv(fd, views, offset)
+    got = os.preadv(fd, views, offset)
+    if got == sum(v.nbytes for v in views):
+        return
+    rest = [v.reshape(-1).view(np.uint8) for v in views]
+    while rest:
         if got == 0:
             raise EOFError
         offset += got
-        while views and got >= views[0].nbytes:
-            got -= views[0].nbytes
-            views = views[1:]
-        if views:
-            views = [views[0][got:], *views[1:]]
+        while rest and got >= rest[0].nbytes:
+            got -= rest[0].nbytes
+            rest = rest[1:]
+        if rest:
+            rest[0] = rest[0][got:]
+            got = os.preadv(fd, rest, offset)
 
 
 class WdsReader:
@@ -249,91 +259,94 @@ class WdsReader:
             raise self._fault(e.get("key", f"#{i}"), f"unreadable ({err})") from err
 
     def _decode(self, e: dict, dest: dict[str, np.ndarray], verify: bool, own: bool) -> Sample:
-        key, length = e["key"], e["length"]
-        members = dict(zip(MEMBERS, e["members"], strict=True))  # name -> (data offset in span, size)
-        # The span in file order: the array data named in `dest` lands there; headers, metadata and the
-        # other arrays in a scratch buffer.
-        cuts = sorted(
-            (rel + size - dest[name].nbytes, rel + size, name) for name, (rel, size) in members.items() if name in dest
-        )
-        pieces, pos = [], 0  # (start, stop, name or None for scratch)
-        for start, stop, name in [*cuts, (length, length, None)]:
-            if name and start < members[name][0]:
-                size = members[name][1]
-                raise self._fault(key, f"{name} holds {size} bytes, too few for {list(dest[name].shape)}")
-            if start < pos or stop > length:
-                raise self._fault(key, "its index entry is inconsistent (members overlap or leave the span)")
-            if start > pos:
-                pieces.append((pos, start, None))
-            if name:
-                pieces.append((start, stop, name))
-            pos = stop
-        fill = sum(b - a for a, b, name in pieces if name is None)
+        key, length, members = e["key"], e["length"], e["members"]
+        # The span in file order: the array data named in `dest` lands there, the rest (tar headers, metadata,
+        # .npy headers, arrays not in `dest`) in one scratch buffer.
+        cuts = []  # (data start, data stop, member number, destination)
+        for j in range(1, len(MEMBERS)):
+            out = dest.get(MEMBERS[j])
+            if out is not None:
+                rel, size = members[j]
+                if size < out.nbytes:
+                    raise self._fault(key, f"{MEMBERS[j]} holds {size} bytes, too few for {list(out.shape)}")
+                cuts.append((rel + size - out.nbytes, rel + size, j, out))
+        cuts.sort(key=lambda c: c[0])
+        fill = length - sum(c[3].nbytes for c in cuts)
         if own:
             scratch = np.empty(fill, np.uint8)
         else:
             if self._scratch.nbytes < fill:
                 self._scratch = np.empty(max(fill, 2 * self._scratch.nbytes), np.uint8)
             scratch = self._scratch
-        views, at, used = [], [], 0  # at: (span start, span stop, scratch offset) of each scratch piece
-        for a, b, name in pieces:
-            if name is None:
-                views.append(scratch[used : used + b - a])
-                at.append((a, b, used))
-                used += b - a
-            else:
-                views.append(dest[name].reshape(-1).view(np.uint8))
+        views, at, heads = [], [], {}  # at: (span start, span stop, scratch offset) of each scratch piece
+        pos = used = 0
+        for start, stop, j, out in cuts:
+            rel = members[j][0]
+            if rel < pos or start < rel or stop > length:
+                raise self._fault(key, "its index entry is inconsistent (members overlap or leave the span)")
+            if start > pos:
+                views.append(scratch[used : used + start - pos])
+                at.append((pos, start, used))
+                used += start - pos
+            heads[j] = scratch[used - (start - rel) : used]  # the .npy header, just before the data
+            views.append(out)
+            pos = stop
+        if pos < length:
+            views.append(scratch[used : used + length - pos])
+            at.append((pos, length, used))
         self._read_span(e, views)
-        if verify and checksum(views) != e["crc32c"]:
-            raise self._fault(key, f"checksum mismatch (crc32c {checksum(views):08x}, the index says "
-                                   f"{e['crc32c']:08x}): its bytes changed since extraction")  # fmt: skip
+        if verify and (crc := checksum(views)) != e["crc32c"]:
+            raise self._fault(key, f"checksum mismatch (crc32c {crc:08x}, the index says {e['crc32c']:08x}): "
+                                   "its bytes changed since extraction")  # fmt: skip
 
-        def piece(a: int, b: int) -> np.ndarray:
+        def piece(a: int, b: int) -> np.ndarray:  # span bytes [a, b), all in one scratch piece
             for sa, sb, s0 in at:
                 if sa <= a and b <= sb:
                     return scratch[s0 + a - sa : s0 + b - sa]
             raise ValueError("the index's members overlap")
 
-        rel, size = members["json"]
-        meta = json.loads(piece(rel, rel + size).tobytes())
+        rel, size = members[0]
+        meta = json.loads(piece(rel, rel + size).tobytes().decode())
         if not isinstance(meta, dict) or meta.get("key") != key:
             found = meta.get("key") if isinstance(meta, dict) else meta
             raise self._fault(key, f"its metadata names key {found!r}: the index and the shard disagree")
-        shapes = None
+        want = None
         if self.tokens is not None and e.get("regions") is not None:
-            shapes = field_shapes(e["regions"], self.tokens, self.clip_shape)
+            want = field_shapes(e["regions"], self.tokens, self.clip_shape)
         arrays = {}
-        for name in ARRAY_FIELDS:
-            rel, size = members[name]
-            out = dest.get(name)
-            head = piece(rel, rel + size - (out.nbytes if out is not None else 0))
+        for j in range(1, len(MEMBERS)):
+            name, (rel, size) = MEMBERS[j], members[j]
             try:
-                shape, dtype, header = npy_header(head)
+                if j in heads:  # read into its destination
+                    shape, dtype = _HEADERS.get(raw := heads[j].tobytes()) or _parse_header(raw)
+                else:
+                    shape, dtype, header = npy_header(piece(rel, rel + size))
             except ValueError as err:
                 raise self._fault(key, f"{name}: {err}") from None
-            want = shapes[name] if shapes else None
-            if dtype != STORED_DTYPES[name] or (want is not None and shape != want):
-                expected = f"{STORED_DTYPES[name]}{list(want) if want is not None else ''}"
+            if dtype != STORED_DTYPES[name] or shape != (want[name] if want is not None else shape):
+                expected = f"{STORED_DTYPES[name]}{list(want[name]) if want is not None else ''}"
                 raise self._fault(key, f"{name} is {dtype}{list(shape)}, expected {expected}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if out is not None:
-                if header != head.nbytes:
-                    raise self._fault(key, f"{name}: its .npy header does not end where its data starts")
-                arrays[name] = out
-            else:
-                if size - header != nbytes:
-                    raise self._fault(key, f"{name} has {size - header} data bytes, its shape {list(shape)} needs {nbytes}")
-                array = head[header:].view(dtype).reshape(shape)
-                arrays[name] = array if own else array.copy()
+            if j in heads:
+                if shape != dest[name].shape:
+                    raise self._fault(key, f"{name} is {list(shape)}, its destination {list(dest[name].shape)}")
+                arrays[name] = dest[name]
+                continue
+            nbytes = math.prod(shape) * dtype.itemsize
+            if size - header != nbytes:
+                raise self._fault(key, f"{name} has {size - header} data bytes, {list(shape)} needs {nbytes}")
+            array = piece(rel + header, rel + size).view(dtype).reshape(shape)
+            arrays[name] = array if own else array.copy()
         labels = arrays["labels"]
-        if self.vocabulary is not None and labels.size and (labels.min() < -1 or labels.max() >= self.vocabulary):
-            bad = int(labels[(labels < -1) | (labels >= self.vocabulary)][0])
-            raise self._fault(key, f"label {bad} is outside the vocabulary [-1, {self.vocabulary})")
-        missing = [n for n in META_FIELDS if n not in meta]
-        if missing:
-            raise self._fault(key, f"its metadata lacks {', '.join(missing)}")
-        sample = Sample(**{n: meta[n] for n in META_FIELDS}, **arrays, masks=meta.get("masks"))
-        if shapes is None and (problems := sample.problems()):
+        if self.vocabulary is not None and labels.size:
+            values = labels.tolist()  # a few hundred at most: faster than two numpy reductions
+            if min(values) < -1 or max(values) >= self.vocabulary:
+                bad = next(v for v in values if v < -1 or v >= self.vocabulary)
+                raise self._fault(key, f"label {bad} is outside the vocabulary [-1, {self.vocabulary})")
+        try:
+            sample = Sample(**{n: meta[n] for n in META_FIELDS}, **arrays, masks=meta.get("masks"))
+        except KeyError as err:
+            raise self._fault(key, f"its metadata lacks {err}") from None
+        if want is None and (problems := sample.problems()):
             raise self._fault(key, "; ".join(problems))
         return sample
 
@@ -352,7 +365,7 @@ class WdsReader:
             raise self._fault(e["key"], f"cannot be read ({err})") from err
         used = 0
         for v in views:
-            v[:] = data[used : used + v.nbytes]
+            v.reshape(-1).view(np.uint8)[:] = data[used : used + v.nbytes]
             used += v.nbytes
 
 
