@@ -108,6 +108,8 @@ def _allocate(b: int, n: int, t: int, clip_shape: tuple[int, int], pin: bool = F
         flat = torch.from_numpy(np.empty(total, np.uint8))
     return {
         name: flat[offsets[name] : offsets[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        if math.prod(shape)
+        else torch.empty(shape, dtype=dtype)  # torch views no empty byte range as another dtype
         for name, (shape, dtype) in specs.items()
     }
 
