@@ -33,6 +33,10 @@ from regionspot.shards.schema import (
 )
 
 _BLOCK = tarfile.BLOCKSIZE  # tar members start on 512-byte blocks
+# Arrays at least this large are read straight into their destination; smaller ones (boxes, labels, scores,
+# IoUs: a few bytes per region) land in the scratch buffer and are copied: a read split into fewer pieces
+# costs less than the copy saved.
+_SCATTER = 16 << 10
 
 
 def _padded(size: int) -> int:
@@ -166,11 +170,11 @@ def npy_header(buf: np.ndarray) -> tuple[tuple[int, ...], np.dtype, int]:
     return (*_parse_header(buf[:total].tobytes()), total)
 
 
-def _preadv_all(fd: int, views: list[np.ndarray], offset: int) -> None:
-    """Fill `views` (writable C-contiguous arrays) from consecutive bytes of `fd` at `offset`: one `preadv`
-    (more only if the kernel returns early)."""
+def _preadv_all(fd: int, views: list[np.ndarray], offset: int, length: int) -> None:
+    """Fill `views` (writable C-contiguous arrays, `length` bytes in all) from consecutive bytes of `fd` at
+    `offset`: one `preadv` (more only if the kernel returns early)."""
     got = os.preadv(fd, views, offset)
-    if got == sum(v.nbytes for v in views):
+    if got == length:
         return
     rest = [v.reshape(-1).view(np.uint8) for v in views]
     while rest:
@@ -262,16 +266,16 @@ class WdsReader:
         key, length, members = e["key"], e["length"], e["members"]
         # The span in file order: the array data named in `dest` lands there, the rest (tar headers, metadata,
         # .npy headers, arrays not in `dest`) in one scratch buffer.
-        cuts = []  # (data start, data stop, member number, destination)
+        cuts, fill = [], length  # (data start, data stop, member number, destination); scratch bytes
         for j in range(1, len(MEMBERS)):
             out = dest.get(MEMBERS[j])
-            if out is not None:
+            if out is not None and out.nbytes >= _SCATTER:
                 rel, size = members[j]
                 if size < out.nbytes:
                     raise self._fault(key, f"{MEMBERS[j]} holds {size} bytes, too few for {list(out.shape)}")
                 cuts.append((rel + size - out.nbytes, rel + size, j, out))
+                fill -= out.nbytes
         cuts.sort(key=lambda c: c[0])
-        fill = length - sum(c[3].nbytes for c in cuts)
         if own:
             scratch = np.empty(fill, np.uint8)
         else:
@@ -295,7 +299,7 @@ class WdsReader:
             views.append(scratch[used : used + length - pos])
             at.append((pos, length, used))
         self._read_span(e, views)
-        if verify and (crc := checksum(views)) != e["crc32c"]:
+        if verify and (crc := checksum(views, arrays=True)) != e["crc32c"]:
             raise self._fault(key, f"checksum mismatch (crc32c {crc:08x}, the index says {e['crc32c']:08x}): "
                                    "its bytes changed since extraction")  # fmt: skip
 
@@ -326,16 +330,21 @@ class WdsReader:
             if dtype != STORED_DTYPES[name] or shape != (want[name] if want is not None else shape):
                 expected = f"{STORED_DTYPES[name]}{list(want[name]) if want is not None else ''}"
                 raise self._fault(key, f"{name} is {dtype}{list(shape)}, expected {expected}")
+            out = dest.get(name)
+            if out is not None and shape != out.shape:
+                raise self._fault(key, f"{name} is {list(shape)}, its destination {list(out.shape)}")
             if j in heads:
-                if shape != dest[name].shape:
-                    raise self._fault(key, f"{name} is {list(shape)}, its destination {list(dest[name].shape)}")
-                arrays[name] = dest[name]
+                arrays[name] = out
                 continue
             nbytes = math.prod(shape) * dtype.itemsize
             if size - header != nbytes:
                 raise self._fault(key, f"{name} has {size - header} data bytes, {list(shape)} needs {nbytes}")
             array = piece(rel + header, rel + size).view(dtype).reshape(shape)
-            arrays[name] = array if own else array.copy()
+            if out is not None:
+                out[...] = array
+                arrays[name] = out
+            else:
+                arrays[name] = array if own else array.copy()
         labels = arrays["labels"]
         if self.vocabulary is not None and labels.size:
             values = labels.tolist()  # a few hundred at most: faster than two numpy reductions
@@ -356,7 +365,7 @@ class WdsReader:
             if self.location.is_local:
                 if self._file is None:
                     self._file = open(self.location.local_path / self.name, "rb", buffering=0)
-                _preadv_all(self._file.fileno(), views, e["offset"])
+                _preadv_all(self._file.fileno(), views, e["offset"], e["length"])
                 return
             data = np.frombuffer(self.location.read_range(self.name, e["offset"], e["length"]), np.uint8)
         except EOFError:
