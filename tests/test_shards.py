@@ -923,8 +923,17 @@ def _member(out: Path, shard: int, sample: int, field: str) -> tuple[int, int]:
     return entry["offset"] + rel, size
 
 
+@pytest.fixture(params=["scratch", "scatter"])
+def scatter(request, monkeypatch):
+    """Both ways an array reaches its batch: through the scratch buffer (small arrays) or read straight
+    into the batch (large ones; here every array)."""
+    if request.param == "scatter":
+        monkeypatch.setattr("regionspot.shards.wds._SCATTER", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("storage", ["wds", "zarr"])
-def test_index_round_trip(tmp_path, storage):
+def test_index_round_trip(tmp_path, storage, scatter):
     """The writer's index is what the shard's bytes say; reads through it give back the written samples,
     one by one and straight into a batch (as collate pads them), also with a region subset and labels."""
     shards = [make_samples(), make_samples(seed=1, counts=(2, 4), start=5)]
@@ -955,7 +964,7 @@ def test_index_round_trip(tmp_path, storage):
     assert sample.masks == [kept.masks[0], kept.masks[2]]
 
 
-def test_reads_stop_at_each_fault_naming_shard_and_sample(tmp_path):
+def test_reads_stop_at_each_fault_naming_shard_and_sample(tmp_path, scatter):
     samples = make_samples(counts=(3, 2, 4, 1), masks=False)
     out = build_set(tmp_path / "set", "wds", [samples])
     tar, data = out / TAR, (out / TAR).read_bytes()
