@@ -27,6 +27,7 @@ import google_crc32c
 import numpy as np
 
 from regionspot.errors import RegionSpotError
+from regionspot.shards.location import Location
 from regionspot.shards.schema import ARRAY_FIELDS
 
 INDEX = "sample_index"  # the record's per-sample list
@@ -41,6 +42,53 @@ class ShardFault(RegionSpotError):
     def __init__(self, shard: str, key: str, problem: str, fix: str):
         self.shard, self.key, self.problem = shard, key, problem
         super().__init__(f"{shard}: sample {key}: {problem}; {fix}")
+
+
+class IndexedShard:
+    """What a storage's reader of one shard shares with the other's: its index and how a fault reads.
+
+    Args:
+        location, name: where the shard is (a local directory or a URL) and its file name.
+        layout, entries: the shard's per-sample index; without "regions" (a bare shard walked without an
+            index) a sample is read with the shapes its own headers give.
+        vocabulary: labels must lie in [-1, vocabulary) (None: not checked).
+        fix: what a fault message tells the user to do (default: run `regionspot shards verify`).
+    """
+
+    def __init__(
+        self,
+        location: Location,
+        name: str,
+        layout: dict | None,
+        entries: list[dict],
+        vocabulary: int | None = None,
+        fix: str | None = None,
+    ):
+        self.location, self.name, self.entries, self.vocabulary = location, name, entries, vocabulary
+        self.tokens = layout["tokens"] if layout else None  # T
+        self.clip_shape = tuple(layout["clip_map"]) if layout else None  # [L, C]
+        self.where = f"{location}/{name}"
+        self.fix = fix or f"run 'regionspot shards verify {location}'"
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def key(self, i: int) -> str:
+        return self.entries[i]["key"]
+
+    def regions(self, i: int) -> int:
+        return self.entries[i]["regions"]
+
+    def fault(self, key: str, problem: str) -> ShardFault:
+        return ShardFault(self.where, key, problem, self.fix)
+
+    def check_labels(self, key: str, labels: np.ndarray) -> None:
+        """Refuse a label outside [-1, vocabulary)."""
+        if self.vocabulary is not None and labels.size:
+            values = labels.tolist()  # a few hundred at most: faster than two numpy reductions
+            if min(values) < -1 or max(values) >= self.vocabulary:
+                bad = next(v for v in values if v < -1 or v >= self.vocabulary)
+                raise self.fault(key, f"label {bad} is outside the vocabulary [-1, {self.vocabulary})")
 
 
 def checksum(buffers: Iterable, crc: int = 0, arrays: bool = False) -> int:

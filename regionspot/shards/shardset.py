@@ -131,8 +131,8 @@ class ShardSet:
                 f"{self.path / record}: samples of T={layout['tokens']}, CLIP map {layout['clip_map']}; the manifest "
                 f"says T={self.tokens}, width {clip_width}; run 'regionspot shards verify {self.path}'"
             )
-        reader = open_reader(self.location, name, layout, entries, len(self.vocabulary),
-                             f"run 'regionspot shards verify {self.path}'")  # fmt: skip
+        reader = open_reader(self.location, name, layout, entries, vocabulary=len(self.vocabulary),
+                             fix=f"run 'regionspot shards verify {self.path}'")  # fmt: skip
         self._readers[shard] = reader
         if len(self._readers) > _OPEN_READERS:
             self._readers.popitem(last=False)

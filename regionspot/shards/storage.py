@@ -13,8 +13,8 @@ import numpy as np
 from regionspot.errors import RegionSpotError
 from regionspot.shards.location import Location
 from regionspot.shards.schema import Sample
-from regionspot.shards.wds import WdsReader, WdsShardWriter, iter_wds, scan_wds
-from regionspot.shards.zarr_storage import ZarrReader, ZarrShardWriter, iter_zarr, scan_zarr
+from regionspot.shards.wds import WdsReader, WdsShardWriter, scan_wds
+from regionspot.shards.zarr_storage import ZarrReader, ZarrShardWriter, scan_zarr
 
 STORAGES = ("wds", "zarr")
 SUFFIXES = {".tar": "wds", ".zarr": "zarr"}
@@ -63,24 +63,15 @@ class ShardReader(Protocol):
     def read_into(self, i: int, dest: dict[str, np.ndarray], verify: bool = True) -> Sample: ...
 
 
-def open_reader(
-    location: Location,
-    name: str,
-    layout: dict | None,
-    entries: list[dict],
-    vocabulary: int | None = None,
-    fix: str | None = None,
-) -> ShardReader:
-    """An indexed reader of shard `name` at `location`, from its record's index (`read_index`).
+def open_reader(location: Location, name: str, layout: dict | None, entries: list[dict], **options) -> ShardReader:
+    """An indexed reader of shard `name` at `location`, from its record's index (`read_index`); `options`
+    are `IndexedShard`'s (vocabulary, fix).
 
-    Args:
-        vocabulary: labels must lie in [-1, vocabulary) (None: not checked).
-        fix: what a fault message tells the user to do (default: run `regionspot shards verify`).
     Raises:
         ShardFault when the shard ends before its last indexed sample (wds).
     """
     reader = WdsReader if storage_of(Path(name)) == "wds" else ZarrReader
-    return reader(location, name, layout, entries, vocabulary, fix)
+    return reader(location, name, layout, entries, **options)
 
 
 def scan_index(path: Path, checksums: bool = False) -> tuple[dict | None, list[dict]]:
@@ -104,8 +95,13 @@ def iter_shard(
 ) -> Iterator[tuple[int, Sample]]:
     """(index in shard, sample) for samples [start, stop) of a bare shard (no index needed), in stored order;
     samples before `start` or rejected by `keep(index)` are skipped without decoding."""
-    reader = iter_wds if storage_of(path) == "wds" else iter_zarr
-    return reader(Path(path), start, stop, keep)
+    path = Path(path)
+    layout, entries = scan_index(path)
+    reader = open_reader(Location.parse(path.parent), path.name, layout, entries)
+    stop = len(entries) if stop is None else min(stop, len(entries))
+    for i in range(max(start, 0), stop):
+        if keep is None or keep(i):
+            yield i, reader.read(i, verify=False)  # a bare shard: no index, no checksums to compare
 
 
 def read_shard(path: Path, start: int = 0, stop: int | None = None) -> Iterator[Sample]:

@@ -1,8 +1,8 @@
 """webdataset storage: `shard-NNNNNN.tar`, one `<key>.json` and one `<key>.<field>.npy` per field per image.
 
 Reading: any tar reader works (`tar tf shard-000000.tar`); in Python, `WdsReader` reads a sample with one
-read through the per-sample index of the shard's record (shards/index.py), and `read_wds(path)` yields the
-`Sample`s of a bare tar (it walks the tar headers first). Only the member names of the schema are decoded,
+read through the per-sample index of the shard's record (shards/index.py), and `storage.read_shard(path)`
+yields the `Sample`s of a bare tar (it walks the tar headers first, `scan_wds`). Only the member names of the schema are decoded,
 arrays with `allow_pickle=False` semantics (an object dtype is refused); the default webdataset decoders
 are never used (they would unpickle `.pyd` / `.pth` members). Tars are reproducible: fixed mtime, owner and
 mode, members in sample order and field order, so the same samples give the same bytes.
@@ -15,13 +15,12 @@ import json
 import math
 import os
 import tarfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.index import MEMBERS, ShardFault, checksum, make_layout
+from regionspot.shards.index import MEMBERS, IndexedShard, checksum, make_layout
 from regionspot.shards.location import Location
 from regionspot.shards.schema import (
     META_FIELDS,
@@ -189,56 +188,27 @@ def _preadv_all(fd: int, views: list[np.ndarray], offset: int, length: int) -> N
             got = os.preadv(fd, rest, offset)
 
 
-class WdsReader:
+class WdsReader(IndexedShard):
     """Indexed reads of one tar shard: each sample is one read of its byte range, checked and sliced.
 
-    Args:
-        location, name: where the shard is (a local directory or a URL) and its file name.
-        layout, entries: the shard's per-sample index (shards/index.py); an entry without "regions" (a
-            tar walked without an index, `scan_wds`) is read with the shapes its headers give.
-        vocabulary: labels must lie in [-1, vocabulary) (None: not checked).
-        fix: what a fault message tells the user to do.
+    Args: as `IndexedShard`'s.
     Raises:
         ShardFault (at construction) when the shard ends before its last indexed sample.
     """
 
-    def __init__(
-        self,
-        location: Location,
-        name: str,
-        layout: dict | None,
-        entries: list[dict],
-        vocabulary: int | None = None,
-        fix: str | None = None,
-    ):
-        self.location, self.name, self.entries, self.vocabulary = location, name, entries, vocabulary
-        self.tokens = layout["tokens"] if layout else None
-        self.clip_shape = tuple(layout["clip_map"]) if layout else None
-        self.where = f"{location}/{name}"
-        self.fix = fix or f"run 'regionspot shards verify {location}'"
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._file = None
         self._scratch = np.empty(0, np.uint8)
-        if entries:
-            size = location.size(name)
-            for e in entries:
+        if self.entries:
+            size = self.location.size(self.name)
+            for e in self.entries:
                 if e["offset"] + e["length"] > size:
-                    raise self._fault(e["key"], f"the shard ends at byte {size}, before this sample's bytes: "
-                                                "it is truncated")  # fmt: skip
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def key(self, i: int) -> str:
-        return self.entries[i]["key"]
-
-    def regions(self, i: int) -> int:
-        return self.entries[i]["regions"]
+                    raise self.fault(e["key"], f"the shard ends at byte {size}, before this sample's bytes: "
+                                               "it is truncated")  # fmt: skip
 
     def __getstate__(self) -> dict:
         return self.__dict__ | {"_file": None}  # an open file does not cross processes
-
-    def _fault(self, key: str, problem: str) -> ShardFault:
-        return ShardFault(self.where, key, problem, self.fix)
 
     def read(self, i: int, verify: bool = True) -> Sample:
         """Sample `i` in memory of its own (its arrays are views of one buffer)."""
@@ -260,7 +230,7 @@ class WdsReader:
         try:
             return self._decode(e, dest, verify, own)
         except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise self._fault(e.get("key", f"#{i}"), f"unreadable ({err})") from err
+            raise self.fault(e.get("key", f"#{i}"), f"unreadable ({err})") from err
 
     def _decode(self, e: dict, dest: dict[str, np.ndarray], verify: bool, own: bool) -> Sample:
         key, length, members = e["key"], e["length"], e["members"]
@@ -272,7 +242,7 @@ class WdsReader:
             if out is not None and out.nbytes >= _SCATTER:
                 rel, size = members[j]
                 if size < out.nbytes:
-                    raise self._fault(key, f"{MEMBERS[j]} holds {size} bytes, too few for {list(out.shape)}")
+                    raise self.fault(key, f"{MEMBERS[j]} holds {size} bytes, too few for {list(out.shape)}")
                 cuts.append((rel + size - out.nbytes, rel + size, j, out))
                 fill -= out.nbytes
         cuts.sort(key=lambda c: c[0])
@@ -287,7 +257,7 @@ class WdsReader:
         for start, stop, j, out in cuts:
             rel = members[j][0]
             if rel < pos or start < rel or stop > length:
-                raise self._fault(key, "its index entry is inconsistent (members overlap or leave the span)")
+                raise self.fault(key, "its index entry is inconsistent (members overlap or leave the span)")
             if start > pos:
                 views.append(scratch[used : used + start - pos])
                 at.append((pos, start, used))
@@ -300,7 +270,7 @@ class WdsReader:
             at.append((pos, length, used))
         self._read_span(e, views)
         if verify and (crc := checksum(views, arrays=True)) != e["crc32c"]:
-            raise self._fault(key, f"checksum mismatch (crc32c {crc:08x}, the index says {e['crc32c']:08x}): "
+            raise self.fault(key, f"checksum mismatch (crc32c {crc:08x}, the index says {e['crc32c']:08x}): "
                                    "its bytes changed since extraction")  # fmt: skip
 
         def piece(a: int, b: int) -> np.ndarray:  # span bytes [a, b), all in one scratch piece
@@ -313,7 +283,7 @@ class WdsReader:
         meta = json.loads(piece(rel, rel + size).tobytes().decode())
         if not isinstance(meta, dict) or meta.get("key") != key:
             found = meta.get("key") if isinstance(meta, dict) else meta
-            raise self._fault(key, f"its metadata names key {found!r}: the index and the shard disagree")
+            raise self.fault(key, f"its metadata names key {found!r}: the index and the shard disagree")
         want = None
         if self.tokens is not None and e.get("regions") is not None:
             want = field_shapes(e["regions"], self.tokens, self.clip_shape)
@@ -326,37 +296,32 @@ class WdsReader:
                 else:
                     shape, dtype, header = npy_header(piece(rel, rel + size))
             except ValueError as err:
-                raise self._fault(key, f"{name}: {err}") from None
+                raise self.fault(key, f"{name}: {err}") from None
             if dtype != STORED_DTYPES[name] or shape != (want[name] if want is not None else shape):
                 expected = f"{STORED_DTYPES[name]}{list(want[name]) if want is not None else ''}"
-                raise self._fault(key, f"{name} is {dtype}{list(shape)}, expected {expected}")
+                raise self.fault(key, f"{name} is {dtype}{list(shape)}, expected {expected}")
             out = dest.get(name)
             if out is not None and shape != out.shape:
-                raise self._fault(key, f"{name} is {list(shape)}, its destination {list(out.shape)}")
+                raise self.fault(key, f"{name} is {list(shape)}, its destination {list(out.shape)}")
             if j in heads:
                 arrays[name] = out
                 continue
             nbytes = math.prod(shape) * dtype.itemsize
             if size - header != nbytes:
-                raise self._fault(key, f"{name} has {size - header} data bytes, {list(shape)} needs {nbytes}")
+                raise self.fault(key, f"{name} has {size - header} data bytes, {list(shape)} needs {nbytes}")
             array = piece(rel + header, rel + size).view(dtype).reshape(shape)
             if out is not None:
                 out[...] = array
                 arrays[name] = out
             else:
                 arrays[name] = array if own else array.copy()
-        labels = arrays["labels"]
-        if self.vocabulary is not None and labels.size:
-            values = labels.tolist()  # a few hundred at most: faster than two numpy reductions
-            if min(values) < -1 or max(values) >= self.vocabulary:
-                bad = next(v for v in values if v < -1 or v >= self.vocabulary)
-                raise self._fault(key, f"label {bad} is outside the vocabulary [-1, {self.vocabulary})")
+        self.check_labels(key, arrays["labels"])
         try:
             sample = Sample(**{n: meta[n] for n in META_FIELDS}, **arrays, masks=meta.get("masks"))
         except KeyError as err:
-            raise self._fault(key, f"its metadata lacks {err}") from None
+            raise self.fault(key, f"its metadata lacks {err}") from None
         if want is None and (problems := sample.problems()):
-            raise self._fault(key, "; ".join(problems))
+            raise self.fault(key, "; ".join(problems))
         return sample
 
     def _read_span(self, e: dict, views: list[np.ndarray]) -> None:
@@ -369,9 +334,9 @@ class WdsReader:
                 return
             data = np.frombuffer(self.location.read_range(self.name, e["offset"], e["length"]), np.uint8)
         except EOFError:
-            raise self._fault(e["key"], "the shard ends before this sample's bytes: it is truncated") from None
+            raise self.fault(e["key"], "the shard ends before this sample's bytes: it is truncated") from None
         except OSError as err:
-            raise self._fault(e["key"], f"cannot be read ({err})") from err
+            raise self.fault(e["key"], f"cannot be read ({err})") from err
         used = 0
         for v in views:
             v.reshape(-1).view(np.uint8)[:] = data[used : used + v.nbytes]
@@ -422,29 +387,7 @@ def scan_wds(path: Path, checksums: bool = False) -> tuple[dict | None, list[dic
                 try:
                     shapes[name] = npy_header(span[rel : rel + size])[0]
                 except ValueError as err:
-                    raise reader._fault(e["key"], f"{name}: {err}") from None
+                    raise reader.fault(e["key"], f"{name}: {err}") from None
             e.update(regions=int(shapes["boxes"][0]), crc32c=checksum([span]))
             layout = layout or make_layout((shapes["sam_tokens"][1], *shapes["clip_map"]))
     return layout, entries
-
-
-def iter_wds(
-    path: Path, start: int = 0, stop: int | None = None, keep: Callable[[int], bool] | None = None
-) -> Iterator[tuple[int, Sample]]:
-    """(index in shard, sample) for samples [start, stop) of one tar, in stored order.
-
-    The tar's headers are walked first; samples before `start` or rejected by `keep(index)` are never read.
-    """
-    path = Path(path)
-    layout, entries = scan_wds(path)
-    reader = WdsReader(Location.parse(path.parent), path.name, layout, entries)
-    stop = len(entries) if stop is None else min(stop, len(entries))
-    for i in range(max(start, 0), stop):
-        if keep is None or keep(i):
-            yield i, reader.read(i, verify=False)
-
-
-def read_wds(path: Path, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
-    """The samples [start, stop) of one tar shard, in stored order."""
-    for _, sample in iter_wds(path, start, stop):
-        yield sample

@@ -1,7 +1,7 @@
 """zarr v3 storage: `shard-NNNNNN.zarr`, one group per shard with per-image and per-region arrays.
 
 Reading: `ZarrReader` through the per-sample index of the shard's record (shards/index.py: its region rows
-and a checksum of its arrays), `read_zarr(path)` for a bare shard, or `zarr.open_group("shard-000000.zarr",
+and a checksum of its arrays), `storage.read_shard(path)` for a bare shard, or `zarr.open_group("shard-000000.zarr",
 mode="r")`; per image `key`, `image_id`, `file_name`,
 `width`, `height`, `clip_map` [images, L, C]; the regions of image i are rows
 `box_offsets[i]:box_offsets[i+1]` of `boxes`, `labels`, `scores`, `sam_tokens`, `sam_iou`; masks (when
@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.index import ShardFault, checksum, make_layout
+from regionspot.shards.index import IndexedShard, checksum, make_layout
 from regionspot.shards.location import Location
 from regionspot.shards.schema import (
     ARRAY_FIELDS,
@@ -141,43 +140,19 @@ def write_zarr(path: Path, samples: list[Sample]) -> None:
         _array(group, name, data, (_REGION_ROWS, *data.shape[1:]))  # (regions, ...)
 
 
-class ZarrReader:
+class ZarrReader(IndexedShard):
     """Indexed reads of one zarr shard: a sample's region rows (the shard's region arrays are decoded once)
     and its CLIP map (one chunk), checked against the index.
 
-    Args: as `WdsReader`'s; entries have "rows" instead of offset, length and members.
+    Args: as `IndexedShard`'s; entries have "rows" instead of offset, length and members.
     """
 
-    def __init__(
-        self,
-        location: Location,
-        name: str,
-        layout: dict | None,
-        entries: list[dict],
-        vocabulary: int | None = None,
-        fix: str | None = None,
-    ):
-        self.location, self.name, self.entries, self.vocabulary = location, name, entries, vocabulary
-        self.tokens = layout["tokens"] if layout else None
-        self.clip_shape = tuple(layout["clip_map"]) if layout else None
-        self.where = f"{location}/{name}"
-        self.fix = fix or f"run 'regionspot shards verify {location}'"
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._opened: dict | None = None
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def key(self, i: int) -> str:
-        return self.entries[i]["key"]
-
-    def regions(self, i: int) -> int:
-        return self.entries[i]["regions"]
 
     def __getstate__(self) -> dict:
         return self.__dict__ | {"_opened": None}
-
-    def _fault(self, key: str, problem: str) -> ShardFault:
-        return ShardFault(self.where, key, problem, self.fix)
 
     def _open(self) -> dict:
         """The shard's per-image metadata and region arrays, decoded once; its CLIP maps, not yet read."""
@@ -192,14 +167,14 @@ class ZarrReader:
                 raise RegionSpotError(f"{self.where}: unreadable shard ({e}); {self.fix}") from e
             n = len(offsets) - 1
             if n < len(self.entries):
-                raise self._fault(self.entries[n]["key"], f"the shard holds {n} samples, the index "
+                raise self.fault(self.entries[n]["key"], f"the shard holds {n} samples, the index "
                                                           f"{len(self.entries)}: it is truncated")  # fmt: skip
             rows = np.stack([offsets[:-1], offsets[1:]], 1)[: len(self.entries)]  # (images, 2)
             indexed = np.array([e["rows"] for e in self.entries], np.int64).reshape(-1, 2)
             differ = np.flatnonzero((rows != indexed).any(1))
             if differ.size:
                 i = int(differ[0])
-                raise self._fault(self.entries[i]["key"], f"its region rows are {rows[i].tolist()}, the index "
+                raise self.fault(self.entries[i]["key"], f"its region rows are {rows[i].tolist()}, the index "
                                                           f"says {indexed[i].tolist()}")  # fmt: skip
             self._opened = opened
         return self._opened
@@ -212,7 +187,7 @@ class ZarrReader:
         try:
             arrays["clip_map"] = opened["clip"][i]  # (L, C)
         except Exception as e:
-            raise self._fault(self.entries[i]["key"], f"its CLIP map is unreadable ({e})") from e
+            raise self.fault(self.entries[i]["key"], f"its CLIP map is unreadable ({e})") from e
         return {name: arrays[name] for name in ARRAY_FIELDS}
 
     def read(self, i: int, verify: bool = True) -> Sample:
@@ -226,19 +201,16 @@ class ZarrReader:
         arrays = self._arrays(i)
         opened = self._opened
         if opened["key"][i] != key:
-            raise self._fault(key, f"the shard holds key {opened['key'][i]!r} there: the index and the shard disagree")
+            raise self.fault(key, f"the shard holds key {opened['key'][i]!r} there: the index and the shard disagree")
         want = field_shapes(e["regions"], self.tokens, self.clip_shape) if self.tokens is not None else None
         for name, array in arrays.items():
             if array.dtype != STORED_DTYPES[name] or (want is not None and array.shape != want[name]):
-                raise self._fault(key, f"{name} is {array.dtype}{list(array.shape)}, expected "
+                raise self.fault(key, f"{name} is {array.dtype}{list(array.shape)}, expected "
                                        f"{STORED_DTYPES[name]}{list(want[name]) if want else ''}")  # fmt: skip
         if verify and (crc := checksum(arrays.values())) != e["crc32c"]:
-            raise self._fault(key, f"checksum mismatch (crc32c {crc:08x}, the index says {e['crc32c']:08x}): "
+            raise self.fault(key, f"checksum mismatch (crc32c {crc:08x}, the index says {e['crc32c']:08x}): "
                                    "its arrays changed since extraction")  # fmt: skip
-        labels = arrays["labels"]
-        if self.vocabulary is not None and labels.size and (labels.min() < -1 or labels.max() >= self.vocabulary):
-            bad = int(labels[(labels < -1) | (labels >= self.vocabulary)][0])
-            raise self._fault(key, f"label {bad} is outside the vocabulary [-1, {self.vocabulary})")
+        self.check_labels(key, arrays["labels"])
         for name, out in dest.items():
             out[...] = arrays[name]
             arrays[name] = out
@@ -285,23 +257,3 @@ def scan_zarr(path: Path, checksums: bool = False) -> tuple[dict | None, list[di
         for i, e in enumerate(entries):
             e["crc32c"] = checksum(reader._arrays(i).values())
     return layout, entries
-
-
-def iter_zarr(
-    path: Path, start: int = 0, stop: int | None = None, keep: Callable[[int], bool] | None = None
-) -> Iterator[tuple[int, Sample]]:
-    """(index in shard, sample) for samples [start, stop) of one zarr shard, in stored order; samples before
-    `start` or rejected by `keep(index)` are not decoded (their CLIP maps are not read)."""
-    path = Path(path)
-    layout, entries = scan_zarr(path)
-    reader = ZarrReader(Location.parse(path.parent), path.name, layout, entries)
-    stop = len(entries) if stop is None else min(stop, len(entries))
-    for i in range(max(start, 0), stop):
-        if keep is None or keep(i):
-            yield i, reader.read(i, verify=False)
-
-
-def read_zarr(path: Path, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
-    """The samples [start, stop) of one zarr shard, in stored order."""
-    for _, sample in iter_zarr(path, start, stop):
-        yield sample
