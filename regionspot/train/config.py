@@ -51,7 +51,7 @@ class TrainConfig:
     workers: int = 4
     """DataLoader worker processes per rank, each an independent seeded reader (0: read in the main process)."""
     shuffle_buffer: int = 128
-    """Images each reader holds and draws from at random, per dataset (bl: 128 x ~0.5 MiB per reader)."""
+    """Images each reader holds (as references; each is read when drawn) and draws from at random, per dataset."""
     prefetch: int = 4
     """Batches each worker prepares ahead."""
     save_every: int = 5000
