@@ -215,8 +215,9 @@ class WdsReader(IndexedShard):
         return self._read(i, {}, verify, own=True)
 
     def read_into(self, i: int, dest: dict[str, np.ndarray], verify: bool = True) -> Sample:
-        """Sample `i`, its arrays named in `dest` read straight into those arrays (C-contiguous, of the
-        stored dtype and the sample's shapes): the bytes go from the file to `dest` in one copy.
+        """Sample `i`, its arrays named in `dest` filled in (C-contiguous, of the stored dtype and the
+        sample's shapes): the large ones (CLIP map, SAM tokens) read straight from the file, one copy; the
+        small ones (a few bytes per region) through the scratch buffer, in the same read.
 
         Returns the sample: the `dest` arrays, and small copies of the other arrays.
         Raises:
