@@ -121,7 +121,9 @@ def read_index(record: dict, where: str, samples: int, fix: str) -> tuple[dict |
     if not isinstance(entries, list) or (entries and not isinstance(layout, dict)):
         raise RegionSpotError(f"{where}: no per-sample index; {fix}")
     if len(entries) != samples:
-        raise RegionSpotError(f"{where}: the per-sample index lists {len(entries)} samples, the manifest {samples}; {fix}")
+        raise RegionSpotError(
+            f"{where}: the per-sample index lists {len(entries)} samples, the manifest {samples}; {fix}"
+        )
     return layout, entries
 
 

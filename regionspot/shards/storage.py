@@ -63,7 +63,9 @@ class ShardReader(Protocol):
     def read_into(self, i: int, dest: dict[str, np.ndarray], verify: bool = True) -> Sample: ...
 
 
-def open_reader(location: Location, name: str, layout: dict | None, entries: list[dict], **options) -> ShardReader:
+def open_reader(
+    location: Location, name: str, layout: dict | None, entries: list[dict], **options
+) -> ShardReader:
     """An indexed reader of shard `name` at `location`, from its record's index (`read_index`); `options`
     are `IndexedShard`'s (vocabulary, fix).
 

@@ -137,7 +137,9 @@ def _parse_header(raw: bytes) -> tuple[tuple[int, ...], np.dtype]:
     if parsed is None:
         head = io.BytesIO(raw)
         version = np.lib.format.read_magic(head)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        reader = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
         shape, fortran, dtype = reader(head)
         if head.tell() != len(raw):
             raise ValueError("its .npy header does not end where its data starts")
@@ -163,7 +165,11 @@ def npy_header(buf: np.ndarray) -> tuple[tuple[int, ...], np.dtype, int]:
         raise ValueError("not a .npy array (bad magic)")
     if prefix[6] not in (1, 2):
         raise ValueError(f".npy format version {prefix[6]} is not read")
-    total = 10 + int.from_bytes(prefix[8:10], "little") if prefix[6] == 1 else 12 + int.from_bytes(prefix[8:12], "little")
+    total = (
+        10 + int.from_bytes(prefix[8:10], "little")
+        if prefix[6] == 1
+        else 12 + int.from_bytes(prefix[8:12], "little")
+    )
     if total > len(buf):
         raise ValueError(f".npy header of {total} bytes, {len(buf)} available")
     return (*_parse_header(buf[:total].tobytes()), total)
@@ -368,7 +374,9 @@ def scan_wds(path: Path, checksums: bool = False) -> tuple[dict | None, list[dic
                 start, end = spans.get(key, (m.offset, 0))
                 spans[key] = (min(start, m.offset), max(end, m.offset_data + _padded(m.size)))
     except (tarfile.TarError, OSError, ValueError) as e:
-        raise RegionSpotError(f"{path}: unreadable shard ({e}); run 'regionspot shards verify' on its set") from e
+        raise RegionSpotError(
+            f"{path}: unreadable shard ({e}); run 'regionspot shards verify' on its set"
+        ) from e
     entries = []
     for key, found in members.items():
         missing = [n for n in MEMBERS if n not in found]
