@@ -267,6 +267,22 @@ def shards_verify(
     typer.echo(f"ok: {len(manifest['shards'])} shards, {manifest['dataset']['images']} images")
 
 
+@shards_app.command("reindex")
+def shards_reindex(
+    directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
+) -> None:
+    """Write the per-sample index into a shard set's records, in place (format version 1 -> 2).
+
+    Training and evaluation read a sample in one read through the index and check it. Each shard is first
+    checked against the manifest's sha256: a damaged shard is refused, never indexed.
+    """
+    from regionspot.shards.reindex import reindex_shardset
+
+    manifest = reindex_shardset(directory)
+    typer.echo(f"indexed: {len(manifest['shards'])} shards, {manifest['dataset']['images']} images "
+               f"(format version {manifest['version']})")
+
+
 # --- end shards ---
 
 # --- train ---
@@ -295,6 +311,7 @@ def train(
     seed: Annotated[int, opt(TrainConfig, "seed")] = TrainConfig.seed,
     max_regions: Annotated[int | None, opt(TrainConfig, "max_regions")] = None,
     storage_options: Annotated[str | None, opt(TrainConfig, "storage_options", metavar="JSON")] = None,
+    verify_reads: Annotated[bool, opt(TrainConfig, "verify_reads")] = TrainConfig.verify_reads,
 ) -> None:  # fmt: skip
     """Train the fusion head from cached features (no backbone in the loop).
 

@@ -1,5 +1,5 @@
 """Training throughput: streaming shards vs (a) the I/O ceiling, (b) the compute ceiling, (c) an official-style
-loop that runs the CLIP image tower online every step.
+loop that runs the CLIP image tower online every step; the stream alone per core; a step's peak memory.
 
     python scripts/bench_train.py --size bl --images 256 --steps 20            # synthetic shards, bl widths
     python scripts/bench_train.py --shards shards/o365 --steps 50              # a real shard set
@@ -15,6 +15,14 @@ loop that runs the CLIP image tower online every step.
     matters) on B images of S x S every step, then the same head step.
 Prints samples/s and regions/s for each, and the ratios (s)/min(a, b) and (s)/(c).
 
+Per core (one process, no model; rates per CPU-second of the process, so other load on the machine does not
+skew them, and the best of a few alternating rounds):
+    raw read samples/s: Y             the shard files read into memory (warm page cache)
+    stream samples/s per core: X      TrainStream (workers=0, --batch-size, checksums verified), no model
+    stream / raw read = X / Y         (goal >= 0.80)
+Peak memory per step: one training step of the head on 16 images of 300 regions at the --size widths,
+above what the process held before it (CUDA: device memory; CPU: resident memory, Linux).
+
 --compare-s3 (or --shards URL) prints instead one pass of TrainStream (no model) over the same set from an
 object store and from local disk, and their ratio: see `compare_s3`.
 """
@@ -22,6 +30,7 @@ object store and from local disk, and their ratio: see `compare_s3`.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import tempfile
 import time
@@ -32,6 +41,7 @@ import torch
 
 from regionspot.models.head import RegionSpotHead
 from regionspot.shards.identity import run_identity
+from regionspot.shards.loader import collate
 from regionspot.shards.location import Location, path_or_url
 from regionspot.shards.schema import FEATURE_DTYPE, Sample
 from regionspot.shards.shardset import ShardSet
@@ -88,12 +98,11 @@ def write_synthetic(path: Path, size: dict, images: int, regions: int, classes: 
 class Stepper:
     """One training step of the head (the trainer's arithmetic: float32 on CPU, bf16 autocast on CUDA)."""
 
-    def __init__(self, shards: ShardSet, device: torch.device):
-        clip = shards.backbones["clip"]
+    def __init__(self, width: int, embed_dim: int, text: np.ndarray, device: torch.device):
         self.device = device
-        self.head = RegionSpotHead(int(clip["width"]), int(clip["embed_dim"])).to(device).train()
+        self.head = RegionSpotHead(width, embed_dim).to(device).train()
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=2.5e-5, weight_decay=1e-4)
-        self.text = torch.from_numpy(shards.text_embeddings()).to(device)
+        self.text = torch.from_numpy(text).to(device)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def __call__(self, batch, clip_map: torch.Tensor | None = None) -> float:
@@ -108,6 +117,74 @@ class Stepper:
         torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
         self.opt.step()
         return loss.item()
+
+
+def stepper(shards: ShardSet, device: torch.device) -> Stepper:
+    clip = shards.backbones["clip"]
+    return Stepper(int(clip["width"]), int(clip["embed_dim"]), shards.text_embeddings(), device)
+
+
+def per_core(shards: ShardSet, batch_size: int, rounds: int = 3, steps: int = 24) -> tuple[float, float]:
+    """(raw read, stream) samples per CPU-second: the best of `rounds` alternating rounds."""
+    files = [Path(f) for f in shards.shard_paths]
+    raw = stream = 0.0
+    for _ in range(rounds):
+        t0 = time.process_time()
+        for f in files:
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+        raw = max(raw, shards.num_images / (time.process_time() - t0))
+        batches = TrainStream([shards], batch_size, workers=0, seed=0, buffer=64)
+        for _ in range(2):
+            next(batches)
+        t0 = time.process_time()
+        for _ in range(steps):
+            next(batches)
+        stream = max(stream, steps * batch_size / (time.process_time() - t0))
+        batches.close()
+    return raw, stream
+
+
+def _resident_mib(field: str) -> float:
+    """VmRSS or VmHWM (the peak since the last reset) of this process, MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def peak_step_memory(size: dict, classes: int, device: torch.device, images: int = 16, regions: int = 300) -> float | None:
+    """MiB one training step needs above what the process held before it (head, optimiser state, batch), for
+    `images` images of `regions` regions at `size`'s widths; None where it cannot be measured."""
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(classes, size["D"])).astype(np.float32)
+    step = Stepper(size["C"], size["D"], text / np.linalg.norm(text, axis=1, keepdims=True), device)
+    samples = [
+        Sample(key=str(i), image_id=i, file_name=f"{i}.jpg", width=640, height=480,
+               boxes=np.tile(np.array([0, 0, 32, 32], np.float32), (regions, 1)),
+               labels=rng.integers(0, classes, regions).astype(np.int32), scores=np.ones(regions, np.float32),
+               sam_tokens=rng.normal(size=(regions, 1, 256)).astype(FEATURE_DTYPE),
+               sam_iou=np.ones((regions, 1), FEATURE_DTYPE),
+               clip_map=rng.normal(size=(size["L"], size["C"])).astype(FEATURE_DTYPE))
+        for i in range(images)
+    ]  # fmt: skip
+    batch = collate(samples)
+    step(batch)  # the optimiser's state exists from the first step on
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(batch)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what the first step freed: the peak is measured afresh
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident size (Linux >= 4.0)
+        before = _resident_mib("VmRSS")
+        step(batch)
+        return _resident_mib("VmHWM") - before
+    except OSError:
+        return None
 
 
 def drop_page_cache(files: list[Path]) -> None:
@@ -280,7 +357,7 @@ def main() -> None:
         stream = TrainStream(
             [shards], bs, workers=args.workers, seed=0, buffer=64, pin_memory=device.type == "cuda"
         )
-        step = Stepper(shards, device)
+        step = stepper(shards, device)
         kept = []
 
         def streamed(i):
@@ -293,7 +370,7 @@ def main() -> None:
         stream.close()
 
         # (b) the compute ceiling: the same step on batches already in memory
-        step = Stepper(shards, device)
+        step = stepper(shards, device)
         s_compute = timed(lambda i: step(kept[i % len(kept)]), n, args.warmup, device)
 
         rows = [("(s) streaming", bs / s_stream), ("(b) compute ceiling", bs / s_compute)]
@@ -305,7 +382,7 @@ def main() -> None:
             tower = open_clip.create_model(size["clip"], pretrained=None).visual.to(device).eval()
             tower.output_tokens = True
             tower.requires_grad_(False)
-            step = Stepper(shards, device)
+            step = stepper(shards, device)
             # the head's width must match the tower's for (c); the synthetic widths are the tower's
             images = torch.randn(bs, 3, size["S"], size["S"], device=device)
 
@@ -326,6 +403,15 @@ def main() -> None:
         print(f"streaming / min(a cold, b) = {stream_rate / bound:.2f}  (goal >= 0.90)")
         if not args.skip_official:
             print(f"streaming / official-style = {stream_rate / (bs / s_official):.1f}x")
+
+        # per core: the stream alone (workers=0, no model) against reading the files into memory
+        raw, streamed_per_core = per_core(shards, bs)
+        print(f"raw read samples/s: {raw:.0f}")
+        print(f"stream samples/s per core: {streamed_per_core:.0f}")
+        print(f"stream / raw read = {streamed_per_core / raw:.2f}  (goal >= 0.80)")
+    peak = peak_step_memory(size, args.classes, device)
+    shown = "not measured on this system" if peak is None else f"{peak:.0f} MiB"
+    print(f"peak memory per step (16 images x 300 regions, {args.size}): {shown}")
 
 
 if __name__ == "__main__":

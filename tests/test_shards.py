@@ -18,11 +18,20 @@ from typer.testing import CliRunner
 from regionspot.cli import app
 from regionspot.errors import RegionSpotError
 from regionspot.shards.identity import IDENTITY, Wanted, mismatch, read_identity, run_identity
-from regionspot.shards.loader import Batch, batch_plan, collate, iter_batches, read_shard_samples
+from regionspot.shards.index import ShardFault
+from regionspot.shards.loader import (
+    Batch,
+    SampleRef,
+    assemble,
+    batch_plan,
+    collate,
+    iter_batches,
+    read_shard_samples,
+)
 from regionspot.shards.manifest import MANIFEST, TEXT_EMBEDDINGS, build_manifest, is_finished, read_manifest
 from regionspot.shards.schema import ARRAY_FIELDS, SAM_DIM, Sample, record_name, shard_name
 from regionspot.shards.shardset import ShardSet, check_mixable, find_shardsets
-from regionspot.shards.storage import iter_shard, open_writer, read_shard, shard_checksum
+from regionspot.shards.storage import iter_shard, open_writer, read_shard, scan_index, shard_checksum
 from regionspot.shards.verify import shardset_info, verify_shardset
 from regionspot.shards.writer import ShardSetWriter, write_json_atomic
 
@@ -260,7 +269,7 @@ def test_wds_object_array_raises(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     UNPICKLED.clear()
-    with pytest.raises(RegionSpotError, match="unreadable shard"):
+    with pytest.raises(RegionSpotError, match="sample 0000: boxes: holds Python objects"):
         list(read_shard(path))
     assert UNPICKLED == []
 
@@ -522,7 +531,7 @@ def test_wds_offset_skips_earlier_members_unread(tmp_path):
     data = bytearray(path.read_bytes())
     data[member.offset_data : member.offset_data + 8] = b"garbage!"  # breaks the .npy magic of sample 0
     path.write_bytes(bytes(data))
-    with pytest.raises(RegionSpotError, match="unreadable shard"):
+    with pytest.raises(RegionSpotError, match="sample 0000: clip_map: not a .npy array"):
         list(read_shard(path))
     assert [s.key for s in read_shard(path, start=1)] == ["0001", "0002"]
 
@@ -770,10 +779,13 @@ def test_writer_records_and_finish(tmp_path, storage):
         return text_embeddings()
 
     first = writer.write_shard(0, make_samples(), skipped=[("0009", "cannot decode")])
+    layout, index = scan_index(writer.path / first["name"], checksums=True)  # the index as the bytes say
     assert first == {"index": 0, "name": shard_name(0, storage), "samples": 5, "regions": 9,
                      "bytes": shard_checksum(writer.path / first["name"])[1],
                      "sha256": shard_checksum(writer.path / first["name"])[0],
-                     "skipped": [{"key": "0009", "reason": "cannot decode"}]}  # fmt: skip
+                     "skipped": [{"key": "0009", "reason": "cannot decode"}],
+                     "layout": layout, "sample_index": index}  # fmt: skip
+    assert layout == {"tokens": 1, "clip_map": [L, C]} and [e["regions"] for e in index] == [3, 0, 5, 1, 0]
     assert json.loads((writer.path / record_name(0)).read_text()) == first
     assert writer.is_complete(0) and not writer.is_complete(1)
     assert writer.records(2) is None
@@ -782,7 +794,8 @@ def test_writer_records_and_finish(tmp_path, storage):
     with writer.open_shard(1) as shard:
         for s in make_samples(seed=1, counts=(2, 1), start=5):
             shard.write(s)
-    assert writer.records(2) == [first, shard.record]
+    summary = [{k: v for k, v in r.items() if k != "sample_index"} for r in (first, shard.record)]
+    assert writer.records(2) == summary  # the index stays in the files
     assert writer.finish(2, VOCAB, text, templates=TEMPLATES) and calls == [1]
     assert not writer.finish(2, VOCAB, text, templates=TEMPLATES) and calls == [1]  # already finished
     ss = ShardSet(writer.path)
@@ -897,3 +910,185 @@ def test_shardset_fits_and_find(tmp_path):
     assert ShardSet(out).mismatch(Wanted("unit", None, None, None, masks=True, limit=5)) is None
     assert mismatch(read_identity(tmp_path / "root" / "unfinished"), want) is None
     assert not is_finished(tmp_path / "root" / "unfinished") and is_finished(out)
+
+
+# --- the per-sample index (format version 2) ---------------------------------------------------------
+
+
+def _record(out: Path, index: int = 0) -> dict:
+    return json.loads((out / record_name(index)).read_text())
+
+
+def _member(out: Path, shard: int, sample: int, field: str) -> tuple[int, int]:
+    """(offset in the tar, size) of a sample's member data, from the record's index."""
+    entry = _record(out, shard)["sample_index"][sample]
+    rel, size = entry["members"][("json", *ARRAY_FIELDS).index(field)]
+    return entry["offset"] + rel, size
+
+
+@pytest.fixture(params=["scratch", "scatter"])
+def scatter(request, monkeypatch):
+    """Both ways an array reaches its batch: through the scratch buffer (small arrays) or read straight
+    into the batch (large ones; here every array)."""
+    if request.param == "scatter":
+        monkeypatch.setattr("regionspot.shards.wds._SCATTER", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_index_round_trip(tmp_path, storage, scatter):
+    """The writer's index is what the shard's bytes say; reads through it give back the written samples,
+    one by one and straight into a batch (as collate pads them), also with a region subset and labels."""
+    shards = [make_samples(), make_samples(seed=1, counts=(2, 4), start=5)]
+    out = build_set(tmp_path / "set", storage, shards)
+    for i in range(2):
+        record = _record(out, i)
+        assert (record["layout"], record["sample_index"]) == scan_index(out / shard_name(i, storage), checksums=True)
+        assert [e["key"] for e in record["sample_index"]] == [s.key for s in shards[i]]
+        assert [e["regions"] for e in record["sample_index"]] == [s.num_regions for s in shards[i]]
+    ss = ShardSet(out)
+    for a, b in zip(shards[0] + shards[1], ss.iter_samples(), strict=True):
+        assert_same(a, b)
+    refs = [SampleRef(ss.reader(0), k) for k in range(5)]
+    batch, samples = assemble(refs)
+    want = collate(shards[0])
+    for name in ("sam_tokens", "sam_iou", "clip_map", "region_mask", "labels", "boxes", "scores"):
+        assert torch.equal(getattr(batch, name), getattr(want, name)), name
+    assert batch.keys == want.keys and batch.sizes == want.sizes
+    for a, b in zip(shards[0], samples, strict=True):
+        assert_same(a, b)
+    kept, rows = shards[1][1], np.array([0, 2])  # a region subset (a region cap), with replaced labels
+    labels = np.array([2, 1, 0, 1], np.int32)
+    batch, (sample, _) = assemble([SampleRef(ss.reader(1), 1, labels=labels, rows=rows), SampleRef(ss.reader(1), 0)])
+    assert batch.region_mask[0].tolist() == [True, True] and batch.labels[0].tolist() == [2, 0]
+    np.testing.assert_array_equal(batch.sam_tokens[0].numpy(), kept.sam_tokens[rows])
+    np.testing.assert_array_equal(batch.boxes[0].numpy(), kept.boxes[rows])
+    np.testing.assert_array_equal(sample.boxes, kept.boxes[rows])
+    assert sample.masks == [kept.masks[0], kept.masks[2]]
+
+
+def test_reads_stop_at_each_fault_naming_shard_and_sample(tmp_path, scatter):
+    samples = make_samples(counts=(3, 2, 4, 1), masks=False)
+    out = build_set(tmp_path / "set", "wds", [samples])
+    tar, data = out / TAR, (out / TAR).read_bytes()
+
+    def fault(match: str, verify: bool = True) -> None:
+        with pytest.raises(ShardFault, match=match) as e:
+            ss = ShardSet(out)
+            for k in range(4):
+                assemble([SampleRef(ss.reader(0), k)], verify=verify)
+        assert e.value.shard == str(tar) and f"regionspot shards verify {out}" in str(e.value)
+        assert "\n" not in str(e.value)
+        tar.write_bytes(data)
+
+    entry = _record(out)["sample_index"][2]
+    tar.write_bytes(data[: entry["offset"]])  # truncated where sample 0002 starts
+    fault("sample 0002: the shard ends at byte .* it is truncated")
+    offset, size = _member(out, 0, 1, "clip_map")
+    flipped = bytearray(data)
+    flipped[offset + size - 3] ^= 0x10  # one bit of a feature
+    tar.write_bytes(bytes(flipped))
+    fault("sample 0001: checksum mismatch")
+    tar.write_bytes(bytes(flipped))
+    ss = ShardSet(out)
+    with pytest.raises(RegionSpotError, match="sample 0001: checksum mismatch"):  # evaluation reads verify
+        list(iter_batches(ss, 4))
+    batch, _ = assemble([SampleRef(ss.reader(0), 1)], verify=False)  # without the checksum, it reads
+    assert not np.array_equal(batch.clip_map[0].numpy(), samples[1].clip_map)
+    tar.write_bytes(data)
+    offset, size = _member(out, 0, 2, "sam_tokens")
+    header = bytearray(data)
+    at = data.index(b"(4, 1, 256)", offset, offset + size)
+    header[at : at + 11] = b"(4, 1, 255)"  # the .npy shape header changed, same length
+    tar.write_bytes(bytes(header))
+    fault("sample 0002: checksum mismatch")
+    tar.write_bytes(bytes(header))
+    fault(re.escape("sample 0002: sam_tokens is float16[4, 1, 255], expected float16[4, 1, 256]"), verify=False)
+
+
+def test_a_label_outside_the_vocabulary_stops_reads(tmp_path):
+    samples = make_samples(counts=(2, 3), masks=False)
+    samples[1].labels[1] = 99
+    ss = ShardSet(build_set(tmp_path / "set", "zarr", [samples]))
+    for verify in (True, False):  # the checksum is right: the label is what was extracted
+        with pytest.raises(ShardFault, match=re.escape("sample 0001: label 99 is outside the vocabulary [-1, 3)")):
+            assemble([SampleRef(ss.reader(0), k) for k in range(2)], verify=verify)
+
+
+def test_zarr_reads_check_their_arrays(tmp_path):
+    out = build_set(tmp_path / "set", "zarr", [make_samples(counts=(2, 3))])
+    record = _record(out)
+    record["sample_index"][1]["crc32c"] ^= 1
+    write_json_atomic(out / record_name(0), record)
+    with pytest.raises(ShardFault, match="sample 0001: checksum mismatch"):
+        list(ShardSet(out).iter_samples())
+    record["sample_index"][1]["crc32c"] ^= 1
+    record["sample_index"][1]["rows"] = [3, 5]
+    write_json_atomic(out / record_name(0), record)
+    with pytest.raises(ShardFault, match=re.escape("sample 0001: its region rows are [2, 5], the index says [3, 5]")):
+        ShardSet(out).reader(0).read(0)
+
+
+def test_eval_batches_with_workers_stop_with_one_line(tmp_path):
+    out = build_set(tmp_path / "set", "wds", [make_samples(counts=(1, 2)), make_samples(counts=(2, 1), start=2)])
+    offset, size = _member(out, 1, 1, "sam_tokens")
+    flip_byte_at(out / TAR1, offset + size - 1)
+    with pytest.raises(RegionSpotError) as e:
+        list(iter_batches(ShardSet(out), batch_size=2, num_workers=2))
+    assert str(e.value).startswith(f"{out / TAR1}: sample 0003: checksum mismatch") and "\n" not in str(e.value)
+
+
+def flip_byte_at(file: Path, at: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[at] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_verify_checks_the_index(tmp_path, storage):
+    out = build_set(tmp_path / "set", storage, [make_samples(counts=(2, 3, 1))])
+    good = _record(out)
+    record = json.loads(json.dumps(good))
+    entry = record["sample_index"][1]
+    if storage == "wds":
+        entry["offset"] += 512
+        phrase = f"sample 0001: offset {entry['offset']} (the shard: {entry['offset'] - 512})"
+    else:
+        entry["regions"] += 1
+        phrase = "sample 0001: regions 4 (the shard: 3)"
+    write_json_atomic(out / record_name(0), record)
+    assert verify_shardset(out) == [f"{record_name(0)}: the per-sample index disagrees with {shard_name(0, storage)}: {phrase}"]
+    record = json.loads(json.dumps(good))
+    record["sample_index"][2]["crc32c"] ^= 0xFF
+    write_json_atomic(out / record_name(0), record)
+    assert [f.split(" (crc32c")[0] for f in verify_shardset(out)] == [f"{shard_name(0, storage)}: sample 0002: checksum mismatch"]
+    del record["sample_index"]
+    write_json_atomic(out / record_name(0), record)
+    faults = verify_shardset(out)
+    assert len(faults) == 1 and "no per-sample index" in faults[0] and f"regionspot shards reindex {out}" in faults[0]
+    (out / record_name(0)).unlink()
+    assert verify_shardset(out) == [f"{record_name(0)}: missing (it holds the shard's per-sample index); "
+                                    f"run 'regionspot shards reindex {out}'"]  # fmt: skip
+
+
+@pytest.mark.parametrize("storage", ["wds", "zarr"])
+def test_reindex_upgrades_a_version_1_set(tmp_path, storage):
+    out = build_set(tmp_path / "set", storage, [make_samples(), make_samples(seed=1, start=5)])
+    records = [_record(out, i) for i in range(2)]
+    for i, record in enumerate(records):  # what a version 1 extraction wrote
+        write_json_atomic(out / record_name(i), {k: v for k, v in record.items() if k not in ("layout", "sample_index")})
+    (out / record_name(1)).unlink()  # and a record lost since
+    manifest = read_manifest(out)
+    write_json_atomic(out / MANIFEST, {**manifest, "version": 1})
+    with pytest.raises(RegionSpotError, match=f"format version 1 has no per-sample index; run 'regionspot shards reindex {out}'"):
+        ShardSet(out)
+    assert "regionspot shards reindex" in verify_shardset(out)[0]
+    r = CliRunner().invoke(app, ["shards", "reindex", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "indexed: 2 shards, 10 images (format version 2)" in r.output
+    assert [_record(out, i) for i in range(2)] == [records[0], {**records[1], "skipped": []}]
+    assert read_manifest(out) == manifest and verify_shardset(out) == []
+    flip_byte(out / shard_name(0, storage) if storage == "wds" else max(
+        (f for f in (out / ZARR).rglob("*") if f.is_file()), key=lambda f: f.stat().st_size))
+    with pytest.raises(RegionSpotError, match=f"{shard_name(0, storage)}: its bytes differ from the manifest's sha256"):
+        CliRunner().invoke(app, ["shards", "reindex", str(out)], catch_exceptions=False)

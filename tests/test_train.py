@@ -667,3 +667,86 @@ def test_trainer_runs_on_extracted_toy_shards(toy_shards, tmp_path):
     assert fingerprint == shards.fingerprint
     assert head.config()["clip_width"] == shards.backbones["clip"]["width"]
     assert head.logit_scale == shards.logit_scale
+
+
+# --- reads that stop training: the per-sample index's checks ------------------------------------------
+def _train_cli(monkeypatch, capsys, shards, out, *flags):
+    """`regionspot train` through the console entry point: (exit code, stderr lines)."""
+    from regionspot.cli import main
+
+    argv = ["regionspot", "train", "--shards", str(shards), "--out", str(out), "--steps", "20",
+            "--batch-size", "4", "--workers", "0", "--save-every", "100", "--log-every", "100", *flags]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _member(shards, sample, field):
+    """(offset in the tar, size) of one member's data, from the shard's record."""
+    entry = json.loads((shards / "shard-000000.json").read_text())["sample_index"][sample]
+    rel, size = entry["members"][["json", "boxes", "labels", "scores", "sam_tokens", "sam_iou", "clip_map"].index(field)]
+    return entry["offset"] + rel, size
+
+
+@pytest.fixture
+def faulty(tmp_path, world, text):
+    """A one-shard set of 12 images (4 regions each) and its tar's bytes, to damage."""
+    shards = write_shardset(tmp_path / "faulty", world.samples(12, 8), text, shard_size=12)
+    return shards, shards / "shard-000000.tar", (shards / "shard-000000.tar").read_bytes()
+
+
+def _stopped(code, err, tar, key, problem):
+    """Exit 1 with one line (beside the progress bar) naming the shard, the sample and the fix."""
+    errors = [line for line in err if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and not any("Traceback" in line for line in err), err
+    assert errors[0].startswith(f"error: {tar}: sample {key}: {problem}"), err
+    assert errors[0].endswith(f"run 'regionspot shards verify {tar.parent}'")
+
+
+def test_a_truncated_shard_stops_training(faulty, tmp_path, monkeypatch, capsys):
+    shards, tar, data = faulty
+    entry = json.loads((shards / "shard-000000.json").read_text())["sample_index"][6]
+    tar.write_bytes(data[: entry["offset"]])  # cut at a sample boundary: what tarfile read silently
+    code, err = _train_cli(monkeypatch, capsys, shards, tmp_path / "run")
+    _stopped(code, err, tar, "00006", "the shard ends at byte")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_flipped_bit_stops_training_unless_reads_are_not_verified(faulty, tmp_path, monkeypatch, capsys, workers):
+    shards, tar, data = faulty
+    offset, size = _member(shards, 3, "clip_map")
+    flipped = bytearray(data)
+    flipped[offset + size // 2] ^= 0x04  # one bit of one CLIP feature
+    tar.write_bytes(bytes(flipped))
+    code, err = _train_cli(monkeypatch, capsys, shards, tmp_path / "run", "--workers", str(workers))
+    _stopped(code, err, tar, "00003", "checksum mismatch")
+    if workers == 0:  # the user's choice for sets checked with `shards verify`: only the checksum is skipped
+        code, err = _train_cli(monkeypatch, capsys, shards, tmp_path / "unchecked", "--no-verify-reads")
+        assert code == 0, err
+        assert yaml.safe_load((tmp_path / "unchecked" / "config.yaml").read_text())["verify_reads"] is False
+
+
+def test_a_changed_shape_header_stops_training_even_unverified(faulty, tmp_path, monkeypatch, capsys):
+    shards, tar, data = faulty
+    offset, size = _member(shards, 4, "sam_tokens")
+    changed = bytearray(data)
+    at = data.index(b"(4, 1, 256)", offset, offset + size)
+    changed[at : at + 11] = b"(4, 1, 255)"  # same length: only the shape says otherwise
+    tar.write_bytes(bytes(changed))
+    code, err = _train_cli(monkeypatch, capsys, shards, tmp_path / "run")
+    _stopped(code, err, tar, "00004", "checksum mismatch")
+    code, err = _train_cli(monkeypatch, capsys, shards, tmp_path / "unchecked", "--no-verify-reads")
+    _stopped(code, err, tar, "00004", "sam_tokens is float16[4, 1, 255], expected float16[4, 1, 256]")
+
+
+def test_a_label_outside_the_vocabulary_stops_training(tmp_path, world, text, monkeypatch, capsys):
+    samples = world.samples(12, 8)
+    samples[5].labels[2] = 99  # written as extracted: its checksum is right
+    shards = write_shardset(tmp_path / "labels", samples, text, shard_size=12)
+    for flags in ((), ("--no-verify-reads",)):
+        code, err = _train_cli(monkeypatch, capsys, shards, tmp_path / f"run{len(flags)}", *flags)
+        _stopped(code, err, shards / "shard-000000.tar", "00005", "label 99 is outside the vocabulary [-1, 4)")

@@ -2,12 +2,18 @@
 
 A batch pads each image's regions to the batch's largest count and marks real regions in
 `region_mask`; padded rows are zeros with label -1 (no repeated boxes).
+
+Batches are assembled where they are used: `assemble` knows every sample's region count from the
+per-sample index before reading, allocates the batch once (shared memory in a DataLoader worker, pinned
+memory for a GPU) and reads each sample's array data straight into its rows, so a sample's bytes are
+copied once, from the page cache to the batch, and checked on the way (shards/index.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +22,12 @@ import torch
 from regionspot.errors import RegionSpotError
 from regionspot.shards.schema import FEATURE_DTYPE, SAM_DIM, STORED_DTYPES, Sample
 from regionspot.shards.shardset import ShardSet
-from regionspot.shards.storage import iter_shard, read_shard
+from regionspot.shards.storage import ShardReader, read_shard
 
 TORCH_FEATURE_DTYPE: torch.dtype = getattr(torch, FEATURE_DTYPE.name)  # the stored features, in torch
+_PADDED = ("boxes", "scores", "sam_tokens", "sam_iou")  # region arrays copied as stored; labels widen to int64
+_ALIGN = 64  # byte alignment of each field inside a batch's one allocation
+
 
 @dataclass
 class Batch:
@@ -72,48 +81,156 @@ def read_shard_samples(path: Path | str, start: int = 0, stop: int | None = None
     return read_shard(Path(path), start, stop)
 
 
-def collate(samples: list[Sample]) -> Batch:
-    """Pad samples into one `Batch`; features stay float16 until `Batch.to(dtype=...)`.
+def _allocate(b: int, n: int, t: int, clip_shape: tuple[int, int], pin: bool = False) -> dict[str, torch.Tensor]:
+    """The uninitialised tensors of a batch of B images padded to N regions, carved from one allocation:
+    shared memory in a DataLoader worker (it reaches the main process without a copy, as torch's own
+    collate does it), pinned memory with `pin` (asynchronous copies to the GPU; torch's caching host
+    allocator reuses the blocks once their copies are done), else ordinary memory."""
+    torch_dtype = {name: getattr(torch, dtype.name) for name, dtype in STORED_DTYPES.items()}
+    specs = {
+        "sam_tokens": ((b, n, t, SAM_DIM), torch_dtype["sam_tokens"]),
+        "sam_iou": ((b, n, t), torch_dtype["sam_iou"]),
+        "clip_map": ((b, *clip_shape), torch_dtype["clip_map"]),
+        "boxes": ((b, n, 4), torch_dtype["boxes"]),
+        "scores": ((b, n), torch_dtype["scores"]),
+        "labels": ((b, n), torch.int64),
+        "region_mask": ((b, n), torch.bool),
+    }
+    offsets, total = {}, 0
+    for name, (shape, dtype) in specs.items():
+        offsets[name] = total
+        total += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    if torch.utils.data.get_worker_info() is not None:
+        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
+    elif pin:
+        flat = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    else:  # numpy asks the kernel for huge pages for large arrays: far fewer page faults as reads fill it
+        flat = torch.from_numpy(np.empty(total, np.uint8))
+    return {
+        name: flat[offsets[name] : offsets[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        if math.prod(shape)
+        else torch.empty(shape, dtype=dtype)  # torch views no empty byte range as another dtype
+        for name, (shape, dtype) in specs.items()
+    }
 
-    Args:
-        samples: B samples with one token count T and one CLIP map shape [L, C]; any may have N_i = 0.
-    Returns:
-        Batch with N = max N_i (0 when no sample has a region): real regions first in each row,
-        `region_mask` True on them, padded rows zero with label -1. One copy per field.
-    """
-    b = len(samples)
-    n = max((s.num_regions for s in samples), default=0)
-    t = samples[0].sam_tokens.shape[1] if samples else 1
-    clip_shape = samples[0].clip_map.shape if samples else (0, 0)
-    for s in samples:
-        if s.sam_tokens.shape[1] != t or s.clip_map.shape != clip_shape:
-            raise RegionSpotError(
-                f"cannot batch sample {s.key!r} (T={s.sam_tokens.shape[1]}, clip map {list(s.clip_map.shape)}) "
-                f"with {samples[0].key!r} (T={t}, clip map {list(clip_shape)}): samples from other backbones"
-            )
-    tokens = np.zeros((b, n, t, SAM_DIM), STORED_DTYPES["sam_tokens"])  # (B, N, T, 256)
-    iou = np.zeros((b, n, t), STORED_DTYPES["sam_iou"])  # (B, N, T)
-    boxes = np.zeros((b, n, 4), STORED_DTYPES["boxes"])  # (B, N, 4)
-    scores = np.zeros((b, n), STORED_DTYPES["scores"])
-    labels = np.full((b, n), -1, np.int64)
-    mask = np.zeros((b, n), bool)
-    for i, s in enumerate(samples):
-        k = s.num_regions
-        tokens[i, :k], iou[i, :k], boxes[i, :k] = s.sam_tokens, s.sam_iou, s.boxes
-        scores[i, :k], labels[i, :k], mask[i, :k] = s.scores, s.labels, True
-    clip = np.stack([s.clip_map for s in samples]) if samples else np.zeros((0, *clip_shape), FEATURE_DTYPE)
+
+def _pad(arrays: dict[str, np.ndarray], counts: Sequence[int]) -> None:
+    """Mark each row's first counts[i] regions real and zero the padding after them (label -1)."""
+    n = arrays["region_mask"].shape[1]
+    arrays["region_mask"][...] = np.arange(n) < np.asarray(counts, np.int64)[:, None]  # (B, N)
+    for i, k in enumerate(counts):
+        if k < n:
+            for name in _PADDED:
+                arrays[name][i, k:] = 0
+            arrays["labels"][i, k:] = -1
+
+
+def _batch(samples: Sequence[Sample], tensors: dict[str, torch.Tensor]) -> Batch:
     return Batch(
         keys=[s.key for s in samples],
         image_ids=[s.image_id for s in samples],
         sizes=[(s.width, s.height) for s in samples],
-        sam_tokens=torch.from_numpy(tokens),
-        sam_iou=torch.from_numpy(iou),
-        clip_map=torch.from_numpy(clip),  # (B, L, C)
-        region_mask=torch.from_numpy(mask),
-        labels=torch.from_numpy(labels),
-        boxes=torch.from_numpy(boxes),
-        scores=torch.from_numpy(scores),
+        **tensors,
     )
+
+
+def _check_one_layout(keys: Sequence[str], layouts: Sequence[tuple[int, tuple]]) -> tuple[int, tuple]:
+    """The (T, [L, C]) shared by every sample of a batch."""
+    for key, layout in zip(keys, layouts, strict=True):
+        if layout != layouts[0]:
+            raise RegionSpotError(
+                f"cannot batch sample {key!r} (T={layout[0]}, clip map {list(layout[1])}) with {keys[0]!r} "
+                f"(T={layouts[0][0]}, clip map {list(layouts[0][1])}): samples from other backbones"
+            )
+    return layouts[0] if layouts else (1, (0, 0))
+
+
+def collate(samples: list[Sample], pin: bool = False) -> Batch:
+    """Pad samples already in memory into one `Batch`; features stay float16 until `Batch.to(dtype=...)`.
+
+    Args:
+        samples: B samples with one token count T and one CLIP map shape [L, C]; any may have N_i = 0.
+        pin: allocate the batch in pinned memory (needs CUDA).
+    Returns:
+        Batch with N = max N_i (0 when no sample has a region): real regions first in each row,
+        `region_mask` True on them, padded rows zero with label -1. One copy per field.
+    """
+    t, clip_shape = _check_one_layout(
+        [s.key for s in samples], [(s.sam_tokens.shape[1], tuple(s.clip_map.shape)) for s in samples]
+    )
+    n = max((s.num_regions for s in samples), default=0)
+    tensors = _allocate(len(samples), n, t, clip_shape, pin)
+    arrays = {name: x.numpy() for name, x in tensors.items()}
+    for i, s in enumerate(samples):
+        k = s.num_regions
+        for name in (*_PADDED, "labels"):
+            arrays[name][i, :k] = getattr(s, name)
+        arrays["clip_map"][i] = s.clip_map
+    _pad(arrays, [s.num_regions for s in samples])
+    return _batch(samples, tensors)
+
+
+@dataclass(eq=False)
+class SampleRef:
+    """A sample of a shard not read yet: what a training stream's shuffle buffer holds; `assemble` reads it.
+
+    `labels` replaces its stored labels (the shuffled-label control; the stored ones are still checked);
+    `rows` keeps only those regions (sorted indices into the sample's regions, e.g. a region cap).
+    """
+
+    reader: ShardReader
+    index: int
+    labels: np.ndarray | None = None
+    rows: np.ndarray | None = None
+
+    @property
+    def key(self) -> str:
+        return self.reader.key(self.index)
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.rows) if self.rows is not None else self.reader.regions(self.index)
+
+
+def assemble(refs: Sequence[SampleRef], verify: bool = True, pin: bool = False) -> tuple[Batch, list[Sample]]:
+    """Read samples straight into one padded `Batch` (as `collate` pads): each sample's array data goes
+    from its shard to its rows of the batch in one read, checked against the shard's index.
+
+    Args:
+        refs: B samples with one token count T and one CLIP map shape [L, C].
+        verify: check each sample's checksum (shapes, dtypes, keys and labels are always checked).
+        pin: allocate the batch in pinned memory (needs CUDA); in a DataLoader worker it is shared memory.
+    Returns:
+        (batch, samples): the samples' arrays are views of the batch's rows (labels: int32 copies).
+    Raises:
+        ShardFault naming the shard and the sample: a checksum mismatch, a truncated shard, an array of
+        another shape or dtype, a label outside the vocabulary.
+    """
+    t, clip_shape = _check_one_layout(
+        [r.key for r in refs], [(r.reader.tokens, tuple(r.reader.clip_shape or (0, 0))) for r in refs]
+    )
+    counts = [r.num_regions for r in refs]
+    tensors = _allocate(len(refs), max(counts, default=0), t, clip_shape, pin)
+    arrays = {name: x.numpy() for name, x in tensors.items()}
+    samples = []
+    for i, (ref, k) in enumerate(zip(refs, counts, strict=True)):
+        dest = {"clip_map": arrays["clip_map"][i]}
+        if ref.rows is None:
+            dest.update({name: arrays[name][i, :k] for name in _PADDED})
+        sample = ref.reader.read_into(ref.index, dest, verify)
+        labels = sample.labels if ref.labels is None else np.asarray(ref.labels, np.int32)
+        if ref.rows is not None:  # a subset of the regions: gathered from the sample's own copy
+            rows = np.asarray(ref.rows)
+            for name in _PADDED:
+                arrays[name][i, :k] = getattr(sample, name)[rows]
+            masks = None if sample.masks is None else [sample.masks[j] for j in rows]
+            sample = replace(sample, **{name: arrays[name][i, :k] for name in _PADDED}, masks=masks)
+            labels = labels[rows]
+        arrays["labels"][i, :k] = labels
+        sample.labels = labels
+        samples.append(sample)
+    _pad(arrays, counts)
+    return _batch(samples, tensors), samples
 
 
 def batch_plan(shards: ShardSet, batch_size: int) -> list[tuple[int, int, int]]:
@@ -128,10 +245,19 @@ def batch_plan(shards: ShardSet, batch_size: int) -> list[tuple[int, int, int]]:
     ]
 
 
+class _Fault:
+    """A read fault met in a DataLoader worker, passed on as data: the main process raises it as one line
+    (a worker's exception would arrive wrapped in its traceback)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 class _Ordered(torch.utils.data.IterableDataset):
     """Batches of a shard set in manifest order. Batch j goes to worker j mod W, and the DataLoader
     takes one batch from each worker in turn, so the stream stays in manifest order with any W.
-    A worker reads each shard once, skipping (undecoded) the samples of other workers' batches."""
+    Each batch is read through the shard's index; only the batch's tensors and each sample's file name
+    and masks leave the worker (the samples are rebuilt as views of the batch)."""
 
     def __init__(self, shards: ShardSet, batch_size: int):
         self.shards, self.batch_size = shards, batch_size
@@ -140,42 +266,54 @@ class _Ordered(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        mine: dict[int, set[int]] = {}  # shard -> starts of my batches
-        for j, (i, a, _) in enumerate(self.plan):
-            if j % workers == w:
-                mine.setdefault(i, set()).add(a)
-        bs = self.batch_size
-        for i in sorted(mine):
-            starts = mine[i]
-            pending: list[Sample] = []
-            current = None  # start of the batch being filled
+        try:
+            for j, (i, a, b) in enumerate(self.plan):
+                if j % workers == w:
+                    reader = self.shards.reader(i)
+                    batch, samples = assemble([SampleRef(reader, k) for k in range(a, b)])
+                    yield batch, [(s.file_name, s.masks) for s in samples]
+        except RegionSpotError as e:
+            yield _Fault(str(e))
 
-            def keep(k: int, starts=starts) -> bool:  # is sample k in one of my batches?
-                return k - k % bs in starts
 
-            for k, sample in iter_shard(self.shards.shard_paths[i], min(starts), keep=keep):
-                if k - k % bs != current and pending:
-                    yield collate(pending), pending
-                    pending = []
-                current = k - k % bs
-                pending.append(sample)
-            if pending:
-                yield collate(pending), pending
+def _views(batch: Batch, extras: list[tuple]) -> list[Sample]:
+    """The batch's samples, their arrays views of its rows."""
+    counts = batch.region_mask.sum(1).tolist()
+    return [
+        Sample(
+            key=batch.keys[i],
+            image_id=batch.image_ids[i],
+            file_name=file_name,
+            width=batch.sizes[i][0],
+            height=batch.sizes[i][1],
+            **{name: getattr(batch, name)[i, :k].numpy() for name in _PADDED},
+            labels=batch.labels[i, :k].numpy().astype(STORED_DTYPES["labels"]),
+            clip_map=batch.clip_map[i].numpy(),
+            masks=masks,
+        )
+        for i, (k, (file_name, masks)) in enumerate(zip(counts, extras, strict=True))
+    ]
 
 
 def iter_batches(
     shards: ShardSet, batch_size: int, num_workers: int = 0
 ) -> Iterator[tuple[Batch, list[Sample]]]:
-    """(Batch, its samples) over the whole set in manifest order, for evaluation.
+    """(Batch, its samples) over the whole set in manifest order, for evaluation; the samples' arrays are
+    views of the batch.
 
     Args:
         shards: the shard set.
         batch_size: images per batch; a batch never spans two shards, so a shard's last one may be short.
         num_workers: DataLoader worker processes reading shards in parallel (order is kept).
+    Raises:
+        ShardFault (one line naming the shard and the sample) when a sample is not as its index says.
     """
     dataset = _Ordered(shards, batch_size)
-    if num_workers == 0:
-        yield from dataset
-        return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4)
-    yield from loader
+    items = dataset
+    if num_workers > 0:
+        items = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4)
+    for item in items:
+        if isinstance(item, _Fault):
+            raise RegionSpotError(item.message)
+        batch, extras = item
+        yield batch, _views(batch, extras)

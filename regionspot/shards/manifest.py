@@ -71,13 +71,14 @@ def build_manifest(
     }
 
 
-def read_manifest(path: Path | str | Location) -> dict:
+def read_manifest(path: Path | str | Location, versions: tuple[int, ...] = (SCHEMA_VERSION,)) -> dict:
     """The manifest of the shard set at `path` (a directory, a URL or a Location), checked for format
     and version.
 
     Raises RegionSpotError naming the fix: no directory or no shards ("run 'regionspot extract'
     first"), shards but no manifest (the extraction has not finished), invalid JSON, another format
-    or schema version."""
+    or schema version (one of `versions`; version 1, without the per-sample index: "run 'regionspot
+    shards reindex'")."""
     where = Location.parse(path)
     file = where.display(MANIFEST)
     try:
@@ -100,7 +101,12 @@ def read_manifest(path: Path | str | Location) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise RegionSpotError(f"{file}: not a regionspot shard manifest (format {found!r})")
-    if manifest.get("version") != SCHEMA_VERSION:
+    if manifest.get("version") == 1 and 1 not in versions:
+        raise RegionSpotError(
+            f"{where}: shard format version 1 has no per-sample index; run 'regionspot shards reindex {where}' "
+            "once to add it (in place; the shards stay as they are)"
+        )
+    if manifest.get("version") not in versions:
         raise RegionSpotError(
             f"{file}: shard format version {manifest.get('version')}, this regionspot reads {SCHEMA_VERSION}; "
             "re-extract with this version"

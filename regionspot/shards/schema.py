@@ -12,7 +12,7 @@ import numpy as np
 from regionspot.errors import RegionSpotError
 
 FORMAT = "regionspot-shards"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each shard's record holds the per-sample index (shards/index.py)
 SAM_DIM = 256
 
 # The backbones' outputs (SAM tokens and IoU, CLIP maps) are stored at half precision: the cache's size
@@ -32,6 +32,14 @@ ARRAY_FIELDS: dict[str, tuple[np.dtype, int]] = {
 STORED_DTYPES: dict[str, np.dtype] = {name: dtype for name, (dtype, _) in ARRAY_FIELDS.items()}
 TEXT_DTYPE = np.dtype(np.float32)  # text_embeddings.npy, [K, D]
 REGION_FIELDS = ("boxes", "labels", "scores", "sam_tokens", "sam_iou")
+
+
+def field_shapes(regions: int, tokens: int, clip_shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """The shape of every array field of a sample with `regions` regions, T = `tokens` and a CLIP map
+    [L, C] = `clip_shape`."""
+    n, (length, width) = regions, clip_shape
+    return {"boxes": (n, 4), "labels": (n,), "scores": (n,), "sam_tokens": (n, tokens, SAM_DIM),
+            "sam_iou": (n, tokens), "clip_map": (length, width)}  # fmt: skip
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -11,16 +13,18 @@ import numpy as np
 
 from regionspot.errors import RegionSpotError
 from regionspot.shards.identity import Wanted, flatten, mismatch
+from regionspot.shards.index import read_index
 from regionspot.shards.location import Location
 from regionspot.shards.manifest import MANIFEST, read_manifest
-from regionspot.shards.schema import TEXT_DTYPE, Sample
+from regionspot.shards.schema import TEXT_DTYPE, Sample, record_name
 from regionspot.shards.staging import StagedShards
-from regionspot.shards.storage import read_shard
+from regionspot.shards.storage import ShardReader, open_reader
 
 # Fields that decide what the features are, named first; weights hashes and tags/paths follow, since
 # they explain a fingerprint difference only when no model field does.
 _WHY_LAST = ("weights_sha256", "pretrained", "checkpoint")
 _NEVER = ("fingerprint", "imported")  # and how the backbones ran: "runtime.*"
+_OPEN_READERS = 16  # shard readers a ShardSet keeps (each holds its index and an open file)
 
 
 def backbone_differences(a: dict, b: dict) -> list[str]:
@@ -41,12 +45,14 @@ class ShardSet:
     section), logit_scale, num_images, num_regions, shard_names, shard_paths (local files the shard
     readers open; for a URL each shard is fetched to a temporary file on first use, see
     `staging.StagedShards`), shard_samples (images per shard, manifest order), tokens (T), storage.
-    Raises RegionSpotError when the manifest is missing, malformed, or lists shards that are missing.
+    Raises RegionSpotError when the manifest is missing, malformed, of format version 1 (no per-sample
+    index: the message names `regionspot shards reindex`), or lists shards that are missing.
     """
 
     def __init__(self, path: Path | str | Location):
         self.location = Location.parse(path)
         self.path: Path | Location = self.location.local_path if self.location.is_local else self.location
+        self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self.manifest = read_manifest(self.location)
         try:
             self.vocabulary: list[dict] = self.manifest["vocabulary"]
@@ -113,11 +119,51 @@ class ShardSet:
         """float32 [K, D], L2-normalised; row k is vocabulary entry k."""
         return self._text
 
+    def reader(self, shard: int) -> ShardReader:
+        """Indexed reads of shard `shard` (manifest order) through its record's per-sample index: one read
+        per sample, checked (checksum, shapes and dtypes against the backbones, labels against the
+        vocabulary); faults name the shard, the sample and `regionspot shards verify`.
+
+        Raises:
+            RegionSpotError when the record is missing, holds no index or one that does not fit the manifest.
+            ShardFault when the shard is shorter than its index (truncated).
+        """
+        reader = self._readers.get(shard)
+        if reader is not None:
+            self._readers.move_to_end(shard)
+            return reader
+        name, record = self.manifest["shards"][shard]["name"], record_name(shard)
+        reindex = f"run 'regionspot shards reindex {self.path}'"
+        try:
+            layout, entries = read_index(
+                json.loads(self.location.read_bytes(record)), self.location.display(record), self.shard_samples[shard], reindex
+            )
+        except (OSError, ValueError) as e:  # missing, unreadable or not JSON
+            raise RegionSpotError(f"{self.location.display(record)}: unreadable ({e}); {reindex}") from e
+        clip_width = self.backbones["clip"].get("width")
+        if layout and (layout["tokens"] != self.tokens or (clip_width and layout["clip_map"][1] != clip_width)):
+            raise RegionSpotError(
+                f"{self.location.display(record)}: samples of T={layout['tokens']}, CLIP map {layout['clip_map']}; the manifest "
+                f"says T={self.tokens}, width {clip_width}; run 'regionspot shards verify {self.path}'"
+            )
+        reader = open_reader(self.location, name, layout, entries, vocabulary=len(self.vocabulary),
+                             fix=f"run 'regionspot shards verify {self.path}'")  # fmt: skip
+        self._readers[shard] = reader
+        if len(self._readers) > _OPEN_READERS:
+            self._readers.popitem(last=False)
+        return reader
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_readers": OrderedDict()}  # readers hold open files: rebuilt where used
+
     def iter_samples(self, shard_indices: Sequence[int] | None = None) -> Iterator[Sample]:
-        """The samples of the given shards (default: all), in manifest order."""
+        """The samples of the given shards (default: all), in manifest order, each read and checked
+        through the index (`reader`)."""
         indices = range(len(self.shard_paths)) if shard_indices is None else shard_indices
         for i in indices:
-            yield from read_shard(self.shard_paths[i])
+            reader = self.reader(i)
+            for k in range(len(reader)):
+                yield reader.read(k)
 
     def check_fingerprint(
         self,

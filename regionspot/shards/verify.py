@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from regionspot.errors import RegionSpotError
+from regionspot.shards.index import ShardFault, index_differences, read_index
 from regionspot.shards.location import Location
 from regionspot.shards.manifest import read_manifest
 from regionspot.shards.schema import TEXT_DTYPE
 from regionspot.shards.staging import fetch
-from regionspot.shards.storage import SUFFIXES, read_shard, shard_checksum
+from regionspot.shards.storage import SUFFIXES, open_reader, scan_index, shard_checksum
 
 _ENTRY = ("name", "samples", "regions", "bytes", "sha256")
 
@@ -27,45 +28,71 @@ def _expected_shapes(manifest: dict) -> tuple[int | None, int | None]:
 
 
 def _check_shard(
-    path: Path, entry: dict, manifest: dict, keys: dict[str, str], checksum: tuple[str, int] | None = None
+    path: Path,
+    entry: dict,
+    manifest: dict,
+    record: dict | None,
+    keys: dict[str, str],
+    checksum: tuple[str, int] | None = None,
 ) -> list[str]:
     """Faults of one present shard: checksum (`checksum` when it was taken already), then (if its bytes
-    are right) schema and counts."""
+    are right) its record's per-sample index against the shard, then every sample read through the index
+    (its crc32c), its schema and the counts."""
     name = entry["name"]
     sha, nbytes = checksum or shard_checksum(path)
     if (sha, nbytes) != (entry["sha256"], entry["bytes"]):
         return [f"{name}: checksum mismatch ({nbytes} bytes, sha256 {sha[:12]}; manifest says "
                 f"{entry['bytes']} bytes, sha256 {str(entry['sha256'])[:12]})"]  # fmt: skip
+    record_file = path.with_suffix(".json").name
+    reindex = f"run 'regionspot shards reindex {path.parent}'"
+    if record is None:
+        return [f"{record_file}: missing (it holds the shard's per-sample index); {reindex}"]
+    try:
+        layout, index = read_index(record, record_file, entry["samples"], reindex)
+        found_layout, found = scan_index(path)
+    except RegionSpotError as e:
+        return [str(e)]
+    structure = ("key", "offset", "length", "members", "rows", "regions")
+    differ = index_differences(index, found, [k for k in structure if found and k in found[0]])
+    if found_layout is not None and layout != found_layout:
+        differ.append(f"layout {layout} (the shard: {found_layout})")
+    if differ:
+        return [f"{record_file}: the per-sample index disagrees with {name}: {d}" for d in differ]
     faults: list[str] = []
     tokens, width = _expected_shapes(manifest)
     vocabulary = len(manifest.get("vocabulary", []))
     clip_shape = None
-    samples = regions = 0
     try:
-        for sample in read_shard(path):
-            samples, regions = samples + 1, regions + sample.num_regions
-            problems = sample.problems()
-            if not problems:
-                t = sample.sam_tokens.shape[1]
-                if tokens is not None and t != tokens:
-                    problems.append(f"{t} SAM tokens per region, manifest says {tokens}")
-                if width is not None and sample.clip_map.shape[1] != width:
-                    problems.append(f"CLIP map width {sample.clip_map.shape[1]}, manifest says {width}")
-                clip_shape = clip_shape or sample.clip_map.shape
-                if sample.clip_map.shape != clip_shape:
-                    problems.append(f"CLIP map {list(sample.clip_map.shape)}, others {list(clip_shape)}")
-                labels = sample.labels
-                if labels.size and (labels.min() < -1 or labels.max() >= vocabulary):
-                    problems.append(f"labels outside [-1, {vocabulary})")
-                if not np.isfinite(sample.boxes).all():
-                    problems.append("non-finite boxes")
-            if sample.key in keys:
-                problems.append(f"key also in {keys[sample.key]}")
-            keys.setdefault(sample.key, name)
-            if problems:
-                faults.append(f"{name}: sample {sample.key}: {'; '.join(problems)}")
-    except RegionSpotError as e:
-        return faults + [str(e)]
+        reader = open_reader(Location.parse(path.parent), name, layout, index)
+    except ShardFault as e:
+        return [f"{name}: sample {e.key}: {e.problem}"]
+    for i in range(len(index)):
+        try:
+            sample = reader.read(i)
+        except ShardFault as e:
+            faults.append(f"{name}: sample {e.key}: {e.problem}")
+            continue
+        problems = sample.problems()
+        if not problems:
+            t = sample.sam_tokens.shape[1]
+            if tokens is not None and t != tokens:
+                problems.append(f"{t} SAM tokens per region, manifest says {tokens}")
+            if width is not None and sample.clip_map.shape[1] != width:
+                problems.append(f"CLIP map width {sample.clip_map.shape[1]}, manifest says {width}")
+            clip_shape = clip_shape or sample.clip_map.shape
+            if sample.clip_map.shape != clip_shape:
+                problems.append(f"CLIP map {list(sample.clip_map.shape)}, others {list(clip_shape)}")
+            labels = sample.labels
+            if labels.size and (labels.min() < -1 or labels.max() >= vocabulary):
+                problems.append(f"labels outside [-1, {vocabulary})")
+            if not np.isfinite(sample.boxes).all():
+                problems.append("non-finite boxes")
+        if sample.key in keys:
+            problems.append(f"key also in {keys[sample.key]}")
+        keys.setdefault(sample.key, name)
+        if problems:
+            faults.append(f"{name}: sample {sample.key}: {'; '.join(problems)}")
+    samples, regions = len(index), sum(e["regions"] for e in index)
     if (samples, regions) != (entry["samples"], entry["regions"]):
         faults.append(
             f"{name}: {samples} samples / {regions} regions, manifest says {entry['samples']} / {entry['regions']}"
@@ -73,13 +100,15 @@ def _check_shard(
     return faults
 
 
-def _check_remote_shard(where: Location, entry: dict, manifest: dict, keys: dict[str, str]) -> list[str]:
+def _check_remote_shard(
+    where: Location, entry: dict, manifest: dict, record: dict | None, keys: dict[str, str]
+) -> list[str]:
     """`_check_shard` for a shard in an object store: one streaming read hashes it into a scratch copy
     (the sample readers open files), which goes once the shard is checked."""
     scratch = where.scratch_path(entry["name"])
     try:
         checksum = fetch(where, entry["name"], scratch)
-        return _check_shard(scratch, entry, manifest, keys, checksum)
+        return _check_shard(scratch, entry, manifest, record, keys, checksum)
     except FileNotFoundError:  # removed since the listing
         return [f"{entry['name']}: missing"]
     finally:
@@ -124,6 +153,7 @@ def verify_shardset(path: Path | str | Location, on_shard: Callable[[str], None]
     keys: dict[str, str] = {}
     for entry in entries:
         record_file = str(Path(entry["name"]).with_suffix(".json"))  # shard-NNNNNN.json, written when the shard finished
+        record = None
         if has(record_file):
             try:
                 record = json.loads(where.read_bytes(record_file))
@@ -135,9 +165,9 @@ def verify_shardset(path: Path | str | Location, on_shard: Callable[[str], None]
         if not has(entry["name"]):
             faults.append(f"{entry['name']}: missing")
         elif where.is_local:
-            faults += _check_shard(where.local_path / entry["name"], entry, manifest, keys)
+            faults += _check_shard(where.local_path / entry["name"], entry, manifest, record, keys)
         else:
-            faults += _check_remote_shard(where, entry, manifest, keys)
+            faults += _check_remote_shard(where, entry, manifest, record, keys)
         if on_shard is not None:
             on_shard(entry["name"])
     sums = (sum(e["samples"] for e in entries), sum(e["regions"] for e in entries))

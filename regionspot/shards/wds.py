@@ -1,25 +1,45 @@
 """webdataset storage: `shard-NNNNNN.tar`, one `<key>.json` and one `<key>.<field>.npy` per field per image.
 
-Reading: any tar reader works (`tar tf shard-000000.tar`); in Python, `read_wds(path)` yields
-`Sample`s. Only the member names of the schema are decoded, arrays with `allow_pickle=False` semantics
-(an object dtype is refused); the default webdataset decoders are never used (they would unpickle
-`.pyd` / `.pth` members). Tars are reproducible: fixed mtime, owner and mode, members in sample order
-and field order, so the same samples give the same bytes.
+Reading: any tar reader works (`tar tf shard-000000.tar`); in Python, `WdsReader` reads a sample with one
+read through the per-sample index of the shard's record (shards/index.py), and `storage.read_shard(path)`
+yields the `Sample`s of a bare tar (it walks the tar headers first, `scan_wds`). Only the member names of the schema are decoded,
+arrays with `allow_pickle=False` semantics (an object dtype is refused); the default webdataset decoders
+are never used (they would unpickle `.pyd` / `.pth` members). Tars are reproducible: fixed mtime, owner and
+mode, members in sample order and field order, so the same samples give the same bytes.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tarfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.schema import ARRAY_FIELDS, META_FIELDS, Sample, ShardGuard, json_default
+from regionspot.shards.index import MEMBERS, IndexedShard, checksum, make_layout
+from regionspot.shards.location import Location
+from regionspot.shards.schema import (
+    META_FIELDS,
+    STORED_DTYPES,
+    Sample,
+    ShardGuard,
+    field_shapes,
+    json_default,
+)
+
+_BLOCK = tarfile.BLOCKSIZE  # tar members start on 512-byte blocks
+# Arrays at least this large are read straight into their destination; smaller ones (boxes, labels, scores,
+# IoUs: a few bytes per region) land in the scratch buffer and are copied: a read split into fewer pieces
+# costs less than the copy saved.
+_SCATTER = 16 << 10
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -28,42 +48,80 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class _Tap:
+    """The tar's file object: passes writes through, counting the bytes and checksumming them, so the
+    per-sample index costs no second pass over the data."""
+
+    def __init__(self, file):
+        self.file, self.pos, self.crc = file, 0, 0
+
+    def write(self, data) -> int:
+        self.file.write(data)
+        self.pos += len(data)
+        self.crc = checksum([data], self.crc)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+
 class WdsShardWriter:
-    """Writes one tar under a temporary name (`.shard-NNNNNN.tar.tmp-PID`); `close()` renames it into place."""
+    """Writes one tar under a temporary name (`.shard-NNNNNN.tar.tmp-PID`); `close()` renames it into place.
+
+    `entries` is the shard's per-sample index, `layout` its (T, [L, C]) (shards/index.py).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._guard = ShardGuard(self.path)
+        self.entries: list[dict] = []
+        self._file = open(self.tmp, "wb")  # closed by close() or abort()
+        self._tap = _Tap(self._file)
         # PAX: same bytes as ustar for short ASCII names, and still valid for long or non-ASCII keys
-        self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(fileobj=self._tap, mode="w", format=tarfile.PAX_FORMAT)
 
-    def _add(self, name: str, data: bytes) -> None:
+    @property
+    def layout(self) -> dict | None:
+        return make_layout(self._guard.shapes)
+
+    def _add(self, name: str, data: bytes) -> int:
+        """Append one member; returns the offset of its data in the tar."""
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         self._tar.addfile(info, io.BytesIO(data))
+        return self._tap.pos - _padded(len(data))
 
     def write(self, sample: Sample) -> None:
         """Append one sample: `<key>.json`, then `<key>.<field>.npy` in ARRAY_FIELDS order."""
         self._guard(sample)
         meta = json.dumps(sample.meta(), sort_keys=True, separators=(",", ":"), default=json_default).encode()
-        self._add(f"{sample.key}.json", meta)
+        start, self._tap.crc = self._tap.pos, 0
+        members = [(self._add(f"{sample.key}.json", meta), len(meta))]
         for name, array in sample.arrays().items():
-            self._add(f"{sample.key}.{name}.npy", _npy_bytes(array))
+            data = _npy_bytes(array)
+            members.append((self._add(f"{sample.key}.{name}.npy", data), len(data)))
+        self.entries.append({
+            "key": sample.key, "regions": sample.num_regions, "crc32c": self._tap.crc, "offset": start,
+            "length": self._tap.pos - start, "members": [[offset - start, size] for offset, size in members],
+        })  # fmt: skip
 
     def close(self) -> None:
         self._tar.close()
+        self._file.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         """Drop the unfinished tar, also when closing it fails (a full disk fails the end blocks too)."""
         try:
             self._tar.close()
+            self._file.close()
         except OSError:
             pass
         finally:
+            self._file.close()
             self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> WdsShardWriter:
@@ -73,77 +131,278 @@ class WdsShardWriter:
         self.abort() if kind is not None else self.close()
 
 
-def _pread(fd: int, offset: int, size: int) -> bytearray:
-    """`size` bytes at `offset`, read straight into a writable buffer (one copy, file position untouched)."""
-    buf = bytearray(size)
-    got = os.preadv(fd, [buf], offset)
-    if got != size:
-        raise EOFError(f"member at byte {offset} is truncated ({got} of {size} bytes)")
-    return buf
+# --- reading ------------------------------------------------------------------------------------------
+
+_HEADERS: dict[bytes, tuple] = {}  # .npy header bytes -> (shape, dtype): a shard repeats a few headers
 
 
-def _npy(buf: bytearray) -> np.ndarray:
-    """Decode .npy bytes without copying the data; object arrays (pickles) are refused, never loaded."""
-    head = io.BytesIO(memoryview(buf)[: min(len(buf), 1 << 16)])
-    version = np.lib.format.read_magic(head)
-    read_header = (
-        np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+def _parse_header(raw: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the whole .npy header `raw`, parsed once per distinct header with numpy's header
+    reader (a literal, never a pickle); object dtypes and Fortran order are refused (ValueError)."""
+    parsed = _HEADERS.get(raw)
+    if parsed is None:
+        head = io.BytesIO(raw)
+        version = np.lib.format.read_magic(head)
+        reader = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = reader(head)
+        if head.tell() != len(raw):
+            raise ValueError("its .npy header does not end where its data starts")
+        if dtype.hasobject:
+            raise ValueError("holds Python objects (they would need unpickling); refused")
+        if fortran and len(shape) > 1:
+            raise ValueError("is stored in Fortran order; the writer stores C order")
+        if len(_HEADERS) > 4096:
+            _HEADERS.clear()
+        parsed = _HEADERS[raw] = (tuple(shape), dtype)
+    return parsed
+
+
+def npy_header(buf: np.ndarray) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) of the .npy bytes starting `buf` (a uint8 array).
+
+    Raises:
+        ValueError naming what is wrong (bad magic, an unread version, a header longer than `buf`, an
+        object dtype, Fortran order).
+    """
+    prefix = buf[:12].tobytes()
+    if len(prefix) < 12 or prefix[:6] != b"\x93NUMPY":
+        raise ValueError("not a .npy array (bad magic)")
+    if prefix[6] not in (1, 2):
+        raise ValueError(f".npy format version {prefix[6]} is not read")
+    total = (
+        10 + int.from_bytes(prefix[8:10], "little")
+        if prefix[6] == 1
+        else 12 + int.from_bytes(prefix[8:12], "little")
     )
-    shape, fortran, dtype = read_header(head)
-    if dtype.hasobject:
-        raise ValueError("object arrays are not allowed (they would need unpickling)")
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(buf) - head.tell() != count * dtype.itemsize:
-        raise ValueError(f"array data has {len(buf) - head.tell()} bytes, expected {count * dtype.itemsize}")
-    return np.frombuffer(buf, dtype, count, offset=head.tell()).reshape(shape, order="F" if fortran else "C")
+    if total > len(buf):
+        raise ValueError(f".npy header of {total} bytes, {len(buf)} available")
+    return (*_parse_header(buf[:total].tobytes()), total)
 
 
-def iter_wds(
-    path: Path, start: int = 0, stop: int | None = None, keep: Callable[[int], bool] | None = None
-) -> Iterator[tuple[int, Sample]]:
-    """(index in shard, sample) for samples [start, stop) of one tar, in stored order.
+def _preadv_all(fd: int, views: list[np.ndarray], offset: int, length: int) -> None:
+    """Fill `views` (writable C-contiguous arrays, `length` bytes in all) from consecutive bytes of `fd` at
+    `offset`: one `preadv` (more only if the kernel returns early)."""
+    got = os.preadv(fd, views, offset)
+    if got == length:
+        return
+    rest = [v.reshape(-1).view(np.uint8) for v in views]
+    while rest:
+        if got == 0:
+            raise EOFError
+        offset += got
+        while rest and got >= rest[0].nbytes:
+            got -= rest[0].nbytes
+            rest = rest[1:]
+        if rest:
+            rest[0] = rest[0][got:]
+            got = os.preadv(fd, rest, offset)
 
-    Members of samples before `start` or rejected by `keep(index)` are skipped unread (tar headers
-    only), so starting at an offset costs little.
+
+class WdsReader(IndexedShard):
+    """Indexed reads of one tar shard: each sample is one read of its byte range, checked and sliced.
+
+    Args: as `IndexedShard`'s.
+    Raises:
+        ShardFault (at construction) when the shard ends before its last indexed sample.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._file = None
+        self._scratch = np.empty(0, np.uint8)
+        if self.entries:
+            size = self.location.size(self.name)
+            for e in self.entries:
+                if e["offset"] + e["length"] > size:
+                    raise self.fault(e["key"], f"the shard ends at byte {size}, before this sample's bytes: "
+                                               "it is truncated")  # fmt: skip
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_file": None}  # an open file does not cross processes
+
+    def read(self, i: int, verify: bool = True) -> Sample:
+        """Sample `i` in memory of its own (its arrays are views of one buffer)."""
+        return self._read(i, {}, verify, own=True)
+
+    def read_into(self, i: int, dest: dict[str, np.ndarray], verify: bool = True) -> Sample:
+        """Sample `i`, its arrays named in `dest` filled in (C-contiguous, of the stored dtype and the
+        sample's shapes): the large ones (CLIP map, SAM tokens) read straight from the file, one copy; the
+        small ones (a few bytes per region) through the scratch buffer, in the same read.
+
+        Returns the sample: the `dest` arrays, and small copies of the other arrays.
+        Raises:
+            ShardFault: a checksum mismatch (when `verify`), a truncated shard, an array of another shape or
+            dtype, a label outside the vocabulary, metadata that is not the indexed sample's.
+        """
+        return self._read(i, dest, verify, own=False)
+
+    def _read(self, i: int, dest: dict[str, np.ndarray], verify: bool, own: bool) -> Sample:
+        e = self.entries[i]
+        try:
+            return self._decode(e, dest, verify, own)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise self.fault(e.get("key", f"#{i}"), f"unreadable ({err})") from err
+
+    def _decode(self, e: dict, dest: dict[str, np.ndarray], verify: bool, own: bool) -> Sample:
+        key, length, members = e["key"], e["length"], e["members"]
+        # The span in file order: the array data named in `dest` lands there, the rest (tar headers, metadata,
+        # .npy headers, arrays not in `dest`) in one scratch buffer.
+        cuts, fill = [], length  # (data start, data stop, member number, destination); scratch bytes
+        for j in range(1, len(MEMBERS)):
+            out = dest.get(MEMBERS[j])
+            if out is not None and out.nbytes >= _SCATTER:
+                rel, size = members[j]
+                if size < out.nbytes:
+                    raise self.fault(key, f"{MEMBERS[j]} holds {size} bytes, too few for {list(out.shape)}")
+                cuts.append((rel + size - out.nbytes, rel + size, j, out))
+                fill -= out.nbytes
+        cuts.sort(key=lambda c: c[0])
+        if own:
+            scratch = np.empty(fill, np.uint8)
+        else:
+            if self._scratch.nbytes < fill:
+                self._scratch = np.empty(max(fill, 2 * self._scratch.nbytes), np.uint8)
+            scratch = self._scratch
+        views, at, heads = [], [], {}  # at: (span start, span stop, scratch offset) of each scratch piece
+        pos = used = 0
+        for start, stop, j, out in cuts:
+            rel = members[j][0]
+            if rel < pos or start < rel or stop > length:
+                raise self.fault(key, "its index entry is inconsistent (members overlap or leave the span)")
+            if start > pos:
+                views.append(scratch[used : used + start - pos])
+                at.append((pos, start, used))
+                used += start - pos
+            heads[j] = scratch[used - (start - rel) : used]  # the .npy header, just before the data
+            views.append(out)
+            pos = stop
+        if pos < length:
+            views.append(scratch[used : used + length - pos])
+            at.append((pos, length, used))
+        self._read_span(e, views)
+        if verify and (crc := checksum(views, arrays=True)) != e["crc32c"]:
+            raise self.fault(key, f"checksum mismatch (crc32c {crc:08x}, the index says {e['crc32c']:08x}): "
+                                   "its bytes changed since extraction")  # fmt: skip
+
+        def piece(a: int, b: int) -> np.ndarray:  # span bytes [a, b), all in one scratch piece
+            for sa, sb, s0 in at:
+                if sa <= a and b <= sb:
+                    return scratch[s0 + a - sa : s0 + b - sa]
+            raise ValueError("the index's members overlap")
+
+        rel, size = members[0]
+        meta = json.loads(piece(rel, rel + size).tobytes().decode())
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            found = meta.get("key") if isinstance(meta, dict) else meta
+            raise self.fault(key, f"its metadata names key {found!r}: the index and the shard disagree")
+        want = None
+        if self.tokens is not None and e.get("regions") is not None:
+            want = field_shapes(e["regions"], self.tokens, self.clip_shape)
+        arrays = {}
+        for j in range(1, len(MEMBERS)):
+            name, (rel, size) = MEMBERS[j], members[j]
+            try:
+                if j in heads:  # read into its destination
+                    shape, dtype = _HEADERS.get(raw := heads[j].tobytes()) or _parse_header(raw)
+                else:
+                    shape, dtype, header = npy_header(piece(rel, rel + size))
+            except ValueError as err:
+                raise self.fault(key, f"{name}: {err}") from None
+            if dtype != STORED_DTYPES[name] or shape != (want[name] if want is not None else shape):
+                expected = f"{STORED_DTYPES[name]}{list(want[name]) if want is not None else ''}"
+                raise self.fault(key, f"{name} is {dtype}{list(shape)}, expected {expected}")
+            out = dest.get(name)
+            if out is not None and shape != out.shape:
+                raise self.fault(key, f"{name} is {list(shape)}, its destination {list(out.shape)}")
+            if j in heads:
+                arrays[name] = out
+                continue
+            nbytes = math.prod(shape) * dtype.itemsize
+            if size - header != nbytes:
+                raise self.fault(key, f"{name} has {size - header} data bytes, {list(shape)} needs {nbytes}")
+            array = piece(rel + header, rel + size).view(dtype).reshape(shape)
+            if out is not None:
+                out[...] = array
+                arrays[name] = out
+            else:
+                arrays[name] = array if own else array.copy()
+        self.check_labels(key, arrays["labels"])
+        try:
+            sample = Sample(**{n: meta[n] for n in META_FIELDS}, **arrays, masks=meta.get("masks"))
+        except KeyError as err:
+            raise self.fault(key, f"its metadata lacks {err}") from None
+        if want is None and (problems := sample.problems()):
+            raise self.fault(key, "; ".join(problems))
+        return sample
+
+    def _read_span(self, e: dict, views: list[np.ndarray]) -> None:
+        """The entry's byte range into `views`, in order: one `preadv` locally, one ranged GET remotely."""
+        try:
+            if self.location.is_local:
+                if self._file is None:
+                    self._file = open(self.location.local_path / self.name, "rb", buffering=0)
+                _preadv_all(self._file.fileno(), views, e["offset"], e["length"])
+                return
+            data = np.frombuffer(self.location.read_range(self.name, e["offset"], e["length"]), np.uint8)
+        except EOFError:
+            raise self.fault(e["key"], "the shard ends before this sample's bytes: it is truncated") from None
+        except OSError as err:
+            raise self.fault(e["key"], f"cannot be read ({err})") from err
+        used = 0
+        for v in views:
+            v.reshape(-1).view(np.uint8)[:] = data[used : used + v.nbytes]
+            used += v.nbytes
+
+
+def scan_wds(path: Path, checksums: bool = False) -> tuple[dict | None, list[dict]]:
+    """(layout, entries): the per-sample index of a tar as its bytes say, from its member headers.
+
+    Without `checksums` only the headers are read (entries have key, offset, length, members); with them
+    every sample's byte range is read once more for its crc32c, its region count and the layout.
     """
     path = Path(path)
-    fields: dict = {}
-    index, current = -1, None
+    members: dict[str, dict[str, tuple[int, int]]] = {}  # key -> member -> (data offset, size)
+    spans: dict[str, tuple[int, int]] = {}
     try:
         with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-            fd = fh.fileno()
-            for member in tar:
-                key, _, rest = member.name.partition(".")
-                if key != current:
-                    if current is not None and fields:
-                        yield index, _sample(path, current, fields)
-                    current, fields, index = key, {}, index + 1
-                    if stop is not None and index >= stop:
-                        return
-                if index < start or not member.isfile() or (keep is not None and not keep(index)):
-                    continue
-                if rest == "json":
-                    fields["meta"] = json.loads(_pread(fd, member.offset_data, member.size))
-                elif rest.endswith(".npy") and rest[:-4] in ARRAY_FIELDS:
-                    fields[rest[:-4]] = _npy(_pread(fd, member.offset_data, member.size))
-                # anything else is not ours: never decoded
-            if current is not None and fields:
-                yield index, _sample(path, current, fields)
-    except (tarfile.TarError, ValueError, OSError, EOFError, KeyError, TypeError) as e:
+            last = None
+            for m in tar:
+                key, _, rest = m.name.partition(".")
+                name = "json" if rest == "json" else rest[:-4] if rest.endswith(".npy") else None
+                if name not in MEMBERS or not m.isfile():
+                    continue  # not ours: never decoded
+                if key != last and key in members:
+                    raise ValueError(f"the members of sample {key!r} are not together")
+                last = key
+                members.setdefault(key, {})[name] = (m.offset_data, m.size)
+                start, end = spans.get(key, (m.offset, 0))
+                spans[key] = (min(start, m.offset), max(end, m.offset_data + _padded(m.size)))
+    except (tarfile.TarError, OSError, ValueError) as e:
         raise RegionSpotError(
             f"{path}: unreadable shard ({e}); run 'regionspot shards verify' on its set"
         ) from e
-
-
-def read_wds(path: Path, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
-    """The samples [start, stop) of one tar shard, in stored order."""
-    for _, sample in iter_wds(path, start, stop):
-        yield sample
-
-
-def _sample(path: Path, key: str, fields: dict) -> Sample:
-    missing = [n for n in ("meta", *ARRAY_FIELDS) if n not in fields]
-    if missing:
-        raise RegionSpotError(f"{path}: sample {key!r} lacks {', '.join(missing)}")
-    meta = fields.pop("meta")
-    return Sample(**{n: meta[n] for n in META_FIELDS}, **fields, masks=meta.get("masks"))
+    entries = []
+    for key, found in members.items():
+        missing = [n for n in MEMBERS if n not in found]
+        if missing:
+            raise RegionSpotError(f"{path}: sample {key!r} lacks {', '.join(missing)}")
+        start, end = spans[key]
+        entries.append({"key": key, "offset": start, "length": end - start,
+                        "members": [[found[n][0] - start, found[n][1]] for n in MEMBERS]})  # fmt: skip
+    layout = None
+    if checksums:
+        reader = WdsReader(Location.parse(path.parent), path.name, None, entries)
+        for e in entries:
+            span = np.empty(e["length"], np.uint8)
+            reader._read_span(e, [span])
+            shapes = {}
+            for name, (rel, size) in zip(MEMBERS[1:], e["members"][1:], strict=True):
+                try:
+                    shapes[name] = npy_header(span[rel : rel + size])[0]
+                except ValueError as err:
+                    raise reader.fault(e["key"], f"{name}: {err}") from None
+            e.update(regions=int(shapes["boxes"][0]), crc32c=checksum([span]))
+            layout = layout or make_layout((shapes["sam_tokens"][1], *shapes["clip_map"]))
+    return layout, entries

@@ -7,7 +7,8 @@ How to read what it writes: `ShardSet(path)`. The files, in the order they appea
   when complete.
 - `shard-NNNNNN.json`: the shard's record, written after the shard is in place, so a record means a
   complete shard (for resume and for the manifest): `{"index", "name", "samples", "regions", "bytes",
-  "sha256", "skipped": [{"key", "reason"}]}`.
+  "sha256", "skipped": [{"key", "reason"}], "layout", "sample_index"}`; the last two are the per-sample
+  index readers use (shards/index.py), built while the shard is written.
 - `text_embeddings.npy` (float32 [K, D]) and `manifest.json`: written by `finish` once every shard
   of the run has its record.
 Every JSON file is strict JSON (no NaN), written under a temporary name and renamed into place.
@@ -29,6 +30,7 @@ import numpy as np
 
 from regionspot.errors import RegionSpotError
 from regionspot.shards.identity import IDENTITY, identity_differences, read_identity
+from regionspot.shards.index import INDEX, LAYOUT
 from regionspot.shards.location import Location
 from regionspot.shards.locks import LOCK_GLOB, ShardLock
 from regionspot.shards.manifest import MANIFEST, TEXT_EMBEDDINGS, build_manifest, is_finished
@@ -89,7 +91,8 @@ class OpenShard:
         self._writer.close()
         sha256, nbytes = shard_checksum(self.out / self.name)
         record = {"index": self.index, "name": self.name, "samples": self.samples, "regions": self.regions,
-                  "bytes": nbytes, "sha256": sha256, "skipped": self.skipped}  # fmt: skip
+                  "bytes": nbytes, "sha256": sha256, "skipped": self.skipped,
+                  LAYOUT: self._writer.layout, INDEX: self._writer.entries}  # fmt: skip
         write_json_atomic(self.out / record_name(self.index), record)
         self.record = record
         return record
@@ -219,12 +222,14 @@ class ShardSetWriter:
         return is_finished(self.location)
 
     def records(self, total: int) -> list[dict] | None:
-        """The records of shards 0..total-1, or None while any of them is not complete."""
+        """The records of shards 0..total-1 without their per-sample index (it stays in the files; a set
+        of a million images would hold a million entries in memory), or None while any is not complete."""
         present = set(self.location.list("shard-*"))  # one listing, not two requests per shard
         names = [(record_name(i), shard_name(i, self.storage)) for i in range(total)]
         if not all(record in present and shard in present for record, shard in names):
             return None
-        return [json.loads(self.location.read_bytes(record)) for record, _ in names]
+        records = (json.loads(self.location.read_bytes(record)) for record, _ in names)
+        return [{k: v for k, v in r.items() if k != INDEX} for r in records]
 
     def finish(
         self,

@@ -70,7 +70,7 @@ class TrainConfig:
         "process).", min=0,
     )  # fmt: skip
     shuffle_buffer: int = option(
-        128, "Images each reader holds and draws from at random, per dataset (bl: 128 x ~0.5 MiB per reader).",
+        128, "Images each reader holds (as references; each is read when drawn) and draws from at random, per dataset.",
         min=1, flag=False,
     )  # fmt: skip
     prefetch: int = option(4, "Batches each reader prepares ahead.", min=1, flag=False)
@@ -84,6 +84,11 @@ class TrainConfig:
     shuffle_labels: bool = option(
         False, "A control: every region gets a seeded random label (the quickstart compares against it).",
         flag=False,
+    )  # fmt: skip
+    verify_reads: bool = option(
+        True, "Check every sample's checksum against its shard's index as it is read (--no-verify-reads: "
+        "for sets already checked with 'regionspot shards verify'; shapes, dtypes and labels are checked "
+        "either way)."
     )  # fmt: skip
     max_regions: int | None = option(
         None, "Keep at most N regions of an image, a seeded random subset, to bound memory (default: all, as "

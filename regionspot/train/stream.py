@@ -1,8 +1,8 @@
 """The training stream: endless, seeded, resumable padded batches mixed from one or more shard sets.
 
-What flows: shard files -> `DatasetReader` (images with regions, shuffled in a buffer) -> `MixedReader`
-(one dataset per micro-batch) -> `collate` (regions padded, with a mask) -> DataLoader workers ->
-(dataset index, Batch) for the step.
+What flows: shard indexes -> `DatasetReader` (references to images with regions, shuffled in a buffer)
+-> `MixedReader` (one dataset per micro-batch) -> `assemble` (each image read once, checked, straight into
+its padded rows) -> DataLoader workers -> (dataset index, Batch) for the step.
 
 Readers. Each (rank, DataLoader worker) is one reader g of R = world x workers, with its own seeded
 generators, so what a reader yields depends only on (seed, g, R), never on timing. Per dataset, a reader
@@ -14,7 +14,7 @@ by the mixing weights (equal by default, as the paper's sampler) and takes `batc
 each micro-batch has one vocabulary.
 
 Data position. A reader's state is small: its generators' states, epoch and cursor, (shard, offset) of
-the shard it reads, and (shard, offset) references of the images in its buffer (re-read on resume).
+the shard it reads, and (shard, offset) references of the images in its buffer (read when drawn).
 Every batch leaves its worker with the state after it; `TrainStream` keeps the state of the last batch
 it handed out from each reader and which reader comes next (the DataLoader visits workers in turn).
 `TrainStream.position()` is what a checkpoint stores; a stream built from it yields exactly the
@@ -29,7 +29,6 @@ gets another subset (the cap drops different regions over the run, not the same 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import zlib
 from collections import deque
 from collections.abc import Sequence
@@ -38,10 +37,8 @@ import numpy as np
 import torch
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.loader import Batch, collate
-from regionspot.shards.schema import REGION_FIELDS, Sample
+from regionspot.shards.loader import Batch, SampleRef, assemble
 from regionspot.shards.shardset import ShardSet
-from regionspot.shards.storage import iter_shard
 
 POSITION_VERSION = 1
 
@@ -69,8 +66,7 @@ class DatasetReader:
         self.epoch, self.cursor = 0, 0  # position in this reader's shard list of the epoch
         self.shard: int | None = None  # the shard being read ...
         self.offset = 0  # ... and the index in it of the next sample to read
-        self.buffer: list[tuple[int, int, Sample]] = []  # (shard, index, sample)
-        self._it = None
+        self.buffer: list[tuple[int, int, SampleRef]] = []  # (shard, index, sample)
         self._schedule_cache: tuple[int, list[int]] | None = None
         if state is not None:
             self._restore(state)
@@ -91,32 +87,29 @@ class DatasetReader:
                 self.epoch, self.cursor = self.epoch + 1, 0
             self.shard = self._schedule(self.epoch)[self.cursor]
             self.cursor += 1
-        self.offset, self._it = 0, None
+        self.offset = 0
 
-    def _read(self) -> tuple[int, int, Sample]:
-        """The next image with regions, in stored order: (shard, index in shard, sample)."""
+    def _read(self) -> tuple[int, int, SampleRef]:
+        """The next image with regions, in stored order: (shard, index in shard, sample), from the index."""
         misses, limit = 0, 20 * (self.shards.num_images + self.num_shards) + 100
         while True:
             if self.shard is None:
                 self._next_shard()
-            if self._it is None:
-                self._it = iter_shard(self.shards.shard_paths[self.shard], self.offset)
-            item = next(self._it, None)
+            reader, index = self.shards.reader(self.shard), self.offset
             misses += 1
             if misses > limit:
                 raise RegionSpotError(
                     f"{self.shards.path}: no image with regions found; extract a set with boxes"
                 )
-            if item is None:
-                self.shard, self._it = None, None
+            if index >= len(reader):
+                self.shard = None
                 continue
-            index, sample = item
             self.offset = index + 1
-            if sample.num_regions > 0:
-                return self.shard, index, sample
+            if reader.regions(index) > 0:
+                return self.shard, index, SampleRef(reader, index)
 
     # --- samples ------------------------------------------------------------------------------
-    def next(self) -> Sample:
+    def next(self) -> SampleRef:
         """The next training image (at least one region, at most `max_regions`), drawn at random from
         the buffer."""
         while len(self.buffer) < self.buffer_size:
@@ -128,12 +121,7 @@ class DatasetReader:
             rng = np.random.default_rng([self.seed, zlib.crc32(sample.key.encode())])
             sample.labels = rng.integers(0, len(self.shards.vocabulary), sample.num_regions).astype(np.int32)
         if self.max_regions is not None and sample.num_regions > self.max_regions:
-            keep = np.sort(self.rng.choice(sample.num_regions, self.max_regions, replace=False))
-            sample = dataclasses.replace(
-                sample,
-                **{name: getattr(sample, name)[keep] for name in REGION_FIELDS},
-                masks=None if sample.masks is None else [sample.masks[i] for i in keep],
-            )
+            sample.rows = np.sort(self.rng.choice(sample.num_regions, self.max_regions, replace=False))
         return sample
 
     def state(self) -> dict:
@@ -161,10 +149,9 @@ class DatasetReader:
             wanted.setdefault(s, set()).add(k)
         found = {}
         for s, ks in wanted.items():
-            for k, sample in iter_shard(
-                self.shards.shard_paths[s], min(ks), max(ks) + 1, keep=ks.__contains__
-            ):
-                found[s, k] = sample
+            if 0 <= s < self.num_shards:
+                reader = self.shards.reader(s)
+                found.update({(s, k): SampleRef(reader, k) for k in ks if 0 <= k < len(reader)})
         missing = [ref for ref in map(tuple, state["buffer"]) if ref not in found]
         if missing:
             raise RegionSpotError(
@@ -207,7 +194,7 @@ class MixedReader:
             for i, (s, st) in enumerate(zip(sets, states, strict=True))
         ]
 
-    def next_batch(self) -> tuple[int, list[Sample]]:
+    def next_batch(self) -> tuple[int, list[SampleRef]]:
         d = int(self.rng.choice(len(self.datasets), p=self.weights)) if len(self.datasets) > 1 else 0
         return d, [self.datasets[d].next() for _ in range(self.batch_size)]
 
@@ -217,23 +204,13 @@ class MixedReader:
 
 class _Readers(torch.utils.data.IterableDataset):
     """The DataLoader's dataset: worker w runs logical reader (w + first) mod W of this rank, so a
-    resumed loader (which starts at worker 0) continues with the reader whose turn it was."""
+    resumed loader (which starts at worker 0) continues with the reader whose turn it was. A read fault
+    travels as data ({"fault": message}), so the main process stops with its one line."""
 
     def __init__(
-        self,
-        sets,
-        batch_size,
-        rank,
-        world,
-        workers,
-        seed,
-        weights,
-        buffer,
-        shuffle_labels,
-        states,
-        first,
-        max_regions,
-    ):
+        self, sets, batch_size, rank, world, workers, seed, weights, buffer, shuffle_labels, states, first,
+        max_regions, verify=True, pin=False,
+    ):  # fmt: skip
         super().__init__()
         self.sets, self.batch_size, self.rank, self.world, self.workers = (
             sets,
@@ -244,6 +221,7 @@ class _Readers(torch.utils.data.IterableDataset):
         )
         self.seed, self.weights, self.buffer, self.shuffle_labels = seed, weights, buffer, shuffle_labels
         self.states, self.first, self.max_regions = states, first, max_regions
+        self.verify, self.pin = verify, pin
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -260,9 +238,13 @@ class _Readers(torch.utils.data.IterableDataset):
             self.states[logical],
             self.max_regions,
         )
-        while True:
-            d, samples = reader.next_batch()
-            yield collate(samples), {"reader": logical, "dataset": d, "state": reader.state()}
+        try:
+            while True:
+                d, samples = reader.next_batch()
+                batch, _ = assemble(samples, self.verify, self.pin)
+                yield batch, {"reader": logical, "dataset": d, "state": reader.state()}
+        except RegionSpotError as e:
+            yield None, {"fault": str(e)}
 
 
 class TrainStream:
@@ -280,6 +262,8 @@ class TrainStream:
         pin_memory: pin batches (for asynchronous copies to a GPU); prefetch: batches per worker ahead.
         max_regions: keep at most this many regions of an image (a seeded subset; None: all).
         history: how many batches back `position(back=...)` can reach.
+        verify: check every sample's checksum against its shard's index (shapes, dtypes and labels are
+            always checked); a fault stops the stream with one line naming the shard and the sample.
     """
 
     def __init__(
@@ -298,9 +282,10 @@ class TrainStream:
         prefetch: int = 4,
         max_regions: int | None = None,
         history: int = 1,
+        verify: bool = True,
     ):
         self.readers = max(1, workers)
-        self.world, self.pin = world, pin_memory and workers == 0
+        self.world = world
         if position is not None:
             if position.get("version") != POSITION_VERSION:
                 raise RegionSpotError("the checkpoint's data position has an unknown layout; start a new run")
@@ -326,6 +311,8 @@ class TrainStream:
             list(self.states),
             self.next_reader,
             max_regions,
+            verify,
+            pin_memory and workers == 0,  # workers write shared memory; the DataLoader pins it
         )
         # (reader states, next reader) after each of the last batches, the newest last
         self._past = deque([(list(self.states), self.next_reader)], maxlen=history + 1)
@@ -349,13 +336,13 @@ class TrainStream:
 
     def __next__(self) -> tuple[int, Batch]:
         batch, info = next(self._it)
+        if "fault" in info:
+            raise RegionSpotError(info["fault"])
         if info["reader"] != self.next_reader:  # the DataLoader visits workers in turn; never otherwise
             raise RuntimeError(f"batch from reader {info['reader']}, expected reader {self.next_reader}")
         self.states[info["reader"]] = info["state"]
         self.next_reader = (info["reader"] + 1) % self.readers
         self._past.append((list(self.states), self.next_reader))  # the states are never mutated: no copy
-        if self.pin:
-            batch = batch.pin_memory()
         return info["dataset"], batch
 
     def position(self, back: int = 0) -> dict:

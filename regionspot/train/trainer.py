@@ -184,6 +184,7 @@ def run_train(cfg: TrainConfig) -> Path:
         prefetch=cfg.prefetch,
         max_regions=cfg.max_regions,
         history=cfg.log_every,
+        verify=cfg.verify_reads,
     )
     resolved = cfg.to_json() | {"head": config, "fingerprint": fingerprint, "world": env.world}
     if env.main:
