@@ -34,17 +34,18 @@ def _check_shard(
     record: dict | None,
     keys: dict[str, str],
     checksum: tuple[str, int] | None = None,
+    where: Location | None = None,
 ) -> list[str]:
     """Faults of one present shard: checksum (`checksum` when it was taken already), then (if its bytes
     are right) its record's per-sample index against the shard, then every sample read through the index
-    (its crc32c), its schema and the counts."""
+    (its crc32c), its schema and the counts. `where`: the set, when `path` is a scratch copy of its shard."""
     name = entry["name"]
     sha, nbytes = checksum or shard_checksum(path)
     if (sha, nbytes) != (entry["sha256"], entry["bytes"]):
         return [f"{name}: checksum mismatch ({nbytes} bytes, sha256 {sha[:12]}; manifest says "
                 f"{entry['bytes']} bytes, sha256 {str(entry['sha256'])[:12]})"]  # fmt: skip
-    record_file = path.with_suffix(".json").name
-    reindex = f"run 'regionspot shards reindex {path.parent}'"
+    record_file = Path(name).with_suffix(".json").name
+    reindex = f"run 'regionspot shards reindex {where or path.parent}'"
     if record is None:
         return [f"{record_file}: missing (it holds the shard's per-sample index); {reindex}"]
     try:
@@ -63,7 +64,7 @@ def _check_shard(
     vocabulary = len(manifest.get("vocabulary", []))
     clip_shape = None
     try:
-        reader = open_reader(Location.parse(path.parent), name, layout, index)
+        reader = open_reader(Location.parse(path.parent), path.name, layout, index)  # path: maybe a scratch copy
     except ShardFault as e:
         return [f"{name}: sample {e.key}: {e.problem}"]
     for i in range(len(index)):
@@ -108,7 +109,7 @@ def _check_remote_shard(
     scratch = where.scratch_path(entry["name"])
     try:
         checksum = fetch(where, entry["name"], scratch)
-        return _check_shard(scratch, entry, manifest, record, keys, checksum)
+        return _check_shard(scratch, entry, manifest, record, keys, checksum, where)
     except FileNotFoundError:  # removed since the listing
         return [f"{entry['name']}: missing"]
     finally:

@@ -115,14 +115,12 @@ class WdsShardWriter:
 
     def abort(self) -> None:
         """Drop the unfinished tar, also when closing it fails (a full disk fails the end blocks too)."""
-        try:
-            self._tar.close()
-            self._file.close()
-        except OSError:
-            pass
-        finally:
-            self._file.close()
-            self.tmp.unlink(missing_ok=True)
+        for close in (self._tar.close, self._file.close):
+            try:
+                close()
+            except OSError:  # the failure being aborted (a full disk fails the flush too); the tmp goes below
+                pass
+        self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> WdsShardWriter:
         return self
