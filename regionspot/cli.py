@@ -160,7 +160,7 @@ def extract(
 
     cfg = ExtractConfig(**{**ctx.params, "proposals": None if proposals == "gt" else Path(proposals)})
     path = run_extract(cfg)
-    typer.echo(f"shards: {path}")
+    typer.echo(f"shards: {path}\nnext: regionspot shards info {path}   (then: regionspot train --shards {path})")
 
 
 # --- end extract ---
@@ -189,12 +189,26 @@ def shards_info(
 
 @shards_app.command("verify", cls=_Command)
 def shards_verify(
-    directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
+    directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json), or a folder of shard sets.", metavar="DIR", show_default=False)],
 ) -> None:
     """Check every shard against the manifest: checksums, schema, sample and region counts, missing files.
 
-    Prints "ok: N shards, M images" when sound; otherwise prints each fault and exits with code 1.
+    Prints "ok: N shards, M images" when sound; otherwise prints each fault and exits with code 1. A
+    folder of shard sets (as train --shards takes) has each of its sets verified.
     """
+    from regionspot.shards.verify import shard_sets_in
+
+    sets = shard_sets_in(directory)
+    if sets:
+        typer.echo(f"{directory} is a folder of {len(sets)} shard sets ({', '.join(s.name for s in sets)}): "
+                   "verifying each")  # fmt: skip
+    faults = sum(_verify_shardset(s, f"{s.name}: " if sets else "") for s in sets or [directory])
+    if faults:
+        raise typer.Exit(1)
+
+
+def _verify_shardset(directory: Path, prefix: str) -> int:
+    """Verify one shard set, printing its faults (each after `prefix`) or its "ok" line; returns the fault count."""
     from regionspot.progress import progress_bar
     from regionspot.shards.manifest import read_manifest
     from regionspot.shards.verify import verify_shardset
@@ -208,11 +222,12 @@ def shards_verify(
         faults = verify_shardset(directory, on_shard=lambda name: bar.advance(task))
     if faults:
         for fault in faults:
-            typer.echo(f"fault: {fault}")
-        typer.echo(f"{len(faults)} fault(s) in {directory}")
-        raise typer.Exit(1)
+            typer.echo(f"{prefix}fault: {fault}")
+        typer.echo(f"{prefix}{len(faults)} fault(s) in {directory}")
+        return len(faults)
     manifest = read_manifest(directory)
-    typer.echo(f"ok: {len(manifest['shards'])} shards, {manifest['dataset']['images']} images")
+    typer.echo(f"{prefix}ok: {len(manifest['shards'])} shards, {manifest['dataset']['images']} images")
+    return 0
 
 
 # --- end shards ---
@@ -317,8 +332,16 @@ def eval_(
     head. Writes detections.json, metrics.json and config.yaml to --out and prints the AP table.
     """
     from regionspot.evaluate.runner import run_eval
+    from regionspot.predict.config import backbones_for_checkpoint
 
-    run_eval(EvalConfig(**ctx.params))
+    params = dict(ctx.params)
+    typed = ctx.get_parameter_source("backbones").name == "COMMANDLINE"
+    if method == "regionspot":  # no --backbones: the checkpoint's preset, where its fingerprint names one
+        found = backbones_for_checkpoint(backbones if typed else None, checkpoint)
+        params["backbones"] = found.get("backbones", backbones)
+        if params["sam_tokens"] is None:
+            params["sam_tokens"] = found.get("sam_tokens")
+    run_eval(EvalConfig(**params))
 
 
 # --- end eval ---
@@ -335,7 +358,7 @@ def predict(
     boxes_file: Annotated[Path | None, opt(PredictConfig, "boxes_file")] = None,
     points: Annotated[str | None, opt(PredictConfig, "points")] = None,
     checkpoint: Annotated[Path | None, opt(PredictConfig, "checkpoint")] = None,
-    backbones: BackbonesOpt = BackboneOptions.backbones,
+    backbones: Annotated[Preset | None, opt(PredictConfig, "backbones")] = None,
     sam: SamOpt = None,
     sam_checkpoint: SamCheckpointOpt = None,
     clip: ClipOpt = None,
@@ -345,6 +368,10 @@ def predict(
     masks: Annotated[bool, opt(PredictConfig, "masks")] = PredictConfig.masks,
     attention: Annotated[bool, opt(PredictConfig, "attention")] = PredictConfig.attention,
     embeddings: Annotated[bool, opt(PredictConfig, "embeddings")] = PredictConfig.embeddings,
+    points_per_side: Annotated[int | None, opt(PredictConfig, "points_per_side")] = None,
+    pred_iou_thresh: Annotated[float | None, opt(PredictConfig, "pred_iou_thresh")] = None,
+    stability_score_thresh: Annotated[float | None, opt(PredictConfig, "stability_score_thresh")] = None,
+    min_area: Annotated[int, opt(PredictConfig, "min_area")] = PredictConfig.min_area,
     topk: Annotated[int, opt(PredictConfig, "topk")] = PredictConfig.topk,
     out: Annotated[Path, _out(PredictConfig)] = PredictConfig.out,
     batch_size: Annotated[int, opt(PredictConfig, "batch_size")] = PredictConfig.batch_size,
@@ -354,8 +381,9 @@ def predict(
 ) -> None:  # fmt: skip
     """Name regions of your own images: boxes, clicks or SAM's automatic regions, any vocabulary.
 
-    Writes OUT/<stem>.json (regions in prompt order: box, label, score, top-k, SAM IoU, mask) and
-    OUT/<stem>.png (masks, boxes and "label score" drawn on the image).
+    Writes OUT/<stem>.regionspot.json (regions in prompt order: box, label, score, top-k, SAM IoU, mask)
+    and OUT/<stem>.regionspot.png (masks, boxes, clicks and "label score" drawn on the image); an
+    output never takes an input's name.
     """
     from regionspot.predict.runner import run_predict
 

@@ -147,7 +147,7 @@ def _extract_partition(plan: Plan, partition: Partition, show_progress: bool) ->
             finally:
                 sink.close()
         seconds["write (sink thread, overlapped)"] = sink.busy_seconds
-        progress.report(seconds, rank=partition.rank)
+        progress.report(seconds, rank=partition.rank if partition.world > 1 else None)
     _finish(plan, backbones)
 
 
