@@ -91,7 +91,7 @@ def main() -> None:
               f"{args.boxes} boxes each; batch {args.batch_size}")
         print(f"wall (incl. model load and text embeddings): {wall:.1f}s")
         print(f"bytes per image: {nbytes / shards.num_images / 1024:.1f} KiB ({args.storage})")
-        print("images/s, regions/s and the time split are in the 'rank 0:' line above")
+        print("images/s, regions/s and the time split are in the summary line above")
 
 
 if __name__ == "__main__":
