@@ -167,11 +167,13 @@ _BACKBONE_PARAMS = [
 
 
 def _with_backbone_options(command):
-    """Give `command` the backbone flags in place of its `**backbone` parameter: typer reads the
-    signature, the values arrive as keyword arguments (and in ctx.params, which the command uses)."""
+    """Give `command` the backbone flags in place of its `**backbone` parameter (those it does not declare
+    itself): typer reads the signature, the values arrive as keyword arguments (and in ctx.params, which
+    the command uses)."""
     signature = inspect.signature(command, eval_str=True)  # the annotations themselves, not their text
     params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    command.__signature__ = signature.replace(parameters=params + _BACKBONE_PARAMS)
+    own = {p.name for p in params}  # a command may declare one itself (predict: --backbones from the checkpoint)
+    command.__signature__ = signature.replace(parameters=params + [p for p in _BACKBONE_PARAMS if p.name not in own])
     return command
 
 
@@ -208,7 +210,7 @@ def extract(
     params = {**ctx.params, "proposals": None if proposals == "gt" else Path(proposals)}
     cfg = ExtractConfig(**{**params, "storage_options": _storage_options(storage_options)})
     path = run_extract(cfg)
-    typer.echo(f"shards: {path}")
+    typer.echo(f"shards: {path}\nnext: regionspot shards info {path}   (then: regionspot train --shards {path})")
 
 
 # --- end extract ---
@@ -239,18 +241,33 @@ def shards_info(
 
 @shards_app.command("verify", cls=_Command)
 def shards_verify(
-    directory: Annotated[str, typer.Argument(help="A shard set directory or URL (holds manifest.json); a URL's shards are streamed, not copied.", metavar="DIR", show_default=False)],
+    directory: Annotated[str, typer.Argument(help="A shard set directory or URL (holds manifest.json), or a folder of shard sets; a URL's shards are streamed, not copied.", metavar="DIR", show_default=False)],
     storage_options: StorageOptionsOpt = None,
 ) -> None:
     """Check every shard against the manifest: checksums, schema, sample and region counts, missing files.
 
-    Prints "ok: N shards, M images" when sound; otherwise prints each fault and exits with code 1.
+    Prints "ok: N shards, M images" when sound; otherwise prints each fault and exits with code 1. A
+    folder of shard sets (as train --shards takes) has each of its sets verified.
     """
+    from regionspot.shards.verify import shard_sets_in
+
+    sets = shard_sets_in(directory)
+    if sets:
+        typer.echo(f"{directory} is a folder of {len(sets)} shard sets ({', '.join(s.name for s in sets)}): "
+                   "verifying each")  # fmt: skip
+    faults = sum(
+        _verify_shardset(_shard_set(str(s), storage_options), f"{s.name}: " if sets else "") for s in sets or [directory]
+    )
+    if faults:
+        raise typer.Exit(1)
+
+
+def _verify_shardset(directory, prefix: str) -> int:
+    """Verify one shard set, printing its faults (each after `prefix`) or its "ok" line; returns the fault count."""
     from regionspot.progress import progress_bar
     from regionspot.shards.manifest import read_manifest
     from regionspot.shards.verify import verify_shardset
 
-    directory = _shard_set(directory, storage_options)
     try:
         total = len(read_manifest(directory)["shards"])
     except (RegionSpotError, KeyError, TypeError):
@@ -260,11 +277,12 @@ def shards_verify(
         faults = verify_shardset(directory, on_shard=lambda name: bar.advance(task))
     if faults:
         for fault in faults:
-            typer.echo(f"fault: {fault}")
-        typer.echo(f"{len(faults)} fault(s) in {directory}")
-        raise typer.Exit(1)
+            typer.echo(f"{prefix}fault: {fault}")
+        typer.echo(f"{prefix}{len(faults)} fault(s) in {directory}")
+        return len(faults)
     manifest = read_manifest(directory)
-    typer.echo(f"ok: {len(manifest['shards'])} shards, {manifest['dataset']['images']} images")
+    typer.echo(f"{prefix}ok: {len(manifest['shards'])} shards, {manifest['dataset']['images']} images")
+    return 0
 
 
 @shards_app.command("reindex")
@@ -387,8 +405,16 @@ def eval_(
     head. Writes detections.json, metrics.json and config.yaml to --out and prints the AP table.
     """
     from regionspot.evaluate.runner import run_eval
+    from regionspot.predict.config import backbones_for_checkpoint
 
-    run_eval(EvalConfig(**{**ctx.params, "storage_options": _storage_options(storage_options)}))
+    params = {**ctx.params, "storage_options": _storage_options(storage_options)}
+    typed = ctx.get_parameter_source("backbones").name == "COMMANDLINE"
+    if params["method"] == "regionspot":  # no --backbones: the checkpoint's preset, where its fingerprint names one
+        found = backbones_for_checkpoint(params["backbones"] if typed else None, params["checkpoint"])
+        params["backbones"] = found.get("backbones", params["backbones"])
+        if params["sam_tokens"] is None:
+            params["sam_tokens"] = found.get("sam_tokens")
+    run_eval(EvalConfig(**params))
 
 
 # --- end eval ---
@@ -406,9 +432,14 @@ def predict(
     boxes_file: Annotated[Path | None, opt(PredictConfig, "boxes_file")] = None,
     points: Annotated[str | None, opt(PredictConfig, "points")] = None,
     checkpoint: Annotated[Path | None, opt(PredictConfig, "checkpoint")] = None,
+    backbones: Annotated[Preset | None, opt(PredictConfig, "backbones")] = None,
     masks: Annotated[bool, opt(PredictConfig, "masks")] = PredictConfig.masks,
     attention: Annotated[bool, opt(PredictConfig, "attention")] = PredictConfig.attention,
     embeddings: Annotated[bool, opt(PredictConfig, "embeddings")] = PredictConfig.embeddings,
+    points_per_side: Annotated[int | None, opt(PredictConfig, "points_per_side")] = None,
+    pred_iou_thresh: Annotated[float | None, opt(PredictConfig, "pred_iou_thresh")] = None,
+    stability_score_thresh: Annotated[float | None, opt(PredictConfig, "stability_score_thresh")] = None,
+    min_area: Annotated[int, opt(PredictConfig, "min_area")] = PredictConfig.min_area,
     topk: Annotated[int, opt(PredictConfig, "topk")] = PredictConfig.topk,
     out: Annotated[Path, _out(PredictConfig)] = PredictConfig.out,
     batch_size: Annotated[int, opt(PredictConfig, "batch_size")] = PredictConfig.batch_size,
@@ -419,8 +450,9 @@ def predict(
 ) -> None:  # fmt: skip
     """Name regions of your own images: boxes, clicks or SAM's automatic regions, any vocabulary.
 
-    Writes OUT/<stem>.json (regions in prompt order: box, label, score, top-k, SAM IoU, mask) and
-    OUT/<stem>.png (masks, boxes and "label score" drawn on the image).
+    Writes OUT/<stem>.regionspot.json (regions in prompt order: box, label, score, top-k, SAM IoU, mask)
+    and OUT/<stem>.regionspot.png (masks, boxes, clicks and "label score" drawn on the image); an
+    output never takes an input's name.
     """
     from regionspot.predict.runner import run_predict
 

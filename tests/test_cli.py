@@ -153,3 +153,28 @@ def test_backbone_choices_are_the_presets():
     from regionspot.models.presets import PRESETS, SAM_MODELS
 
     assert get_args(Preset) == tuple(PRESETS) and get_args(SamModel) == tuple(SAM_MODELS)
+
+
+def test_extract_ends_with_a_plain_summary_and_the_next_command(toy_root, tmp_path):
+    out = tmp_path / "toy"
+    result = _invoke(["extract", "--dataset", "toy", "--data-root", str(toy_root), "--backbones", "tiny",
+                      "--limit", "4", "--shard-size", "2", "--gpus", "0", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "4 images" in result.output and "rank 0" not in result.output  # one process: no rank to name
+    assert f"next: regionspot shards info {out}" in result.output and f"train --shards {out}" in result.output
+
+
+def test_shards_verify_on_a_folder_of_sets_verifies_each(toy_shards, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name, path in toy_shards.items():
+        (folder / name).symlink_to(path)
+    result = _invoke(["shards", "verify", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert f"{folder} is a folder of 2 shard sets (toy, toy_val)" in result.output
+    assert "toy: ok: 3 shards, 48 images" in result.output and "toy_val: ok: 3 shards, 48 images" in result.output
+    (folder / "unfinished").mkdir()
+    (folder / "unfinished" / "identity.json").write_text("{}")
+    result = _invoke(["shards", "verify", str(folder)])
+    assert result.exit_code == 1 and "folder of 3 shard sets" in result.output
+    assert "unfinished: fault:" in result.output and "toy: ok" in result.output

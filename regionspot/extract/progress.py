@@ -31,11 +31,13 @@ class ExtractProgress:
         self.done_regions += regions
         self._progress.update(self._task, advance=images, regions=self.done_regions)
 
-    def report(self, seconds: dict[str, float | int], rank: int = 0) -> str:
-        """Log (and return) where the time went: seconds per phase (floats) and counts (ints)."""
+    def report(self, seconds: dict[str, float | int], rank: int | None = None) -> str:
+        """Log (and return) where the time went: seconds per phase (floats) and counts (ints); `rank`
+        names the process in a run of several."""
         wall = time.perf_counter() - self.started
         parts = ", ".join(f"{k} {v:.1f}s" if isinstance(v, float) else f"{k} {v}" for k, v in seconds.items())
-        line = (f"rank {rank}: {self.images} images, {self.done_regions} regions in {wall:.1f}s "
+        who = "" if rank is None else f"rank {rank}: "
+        line = (f"{who}{self.images} images, {self.done_regions} regions in {wall:.1f}s "
                 f"({self.images / max(wall, 1e-9):.2f} img/s); time split: {parts}")
         if self.show:
             Console(stderr=True).print(line)

@@ -186,7 +186,7 @@ def _extract_shards(plan: Plan, todo: list[int], backbones, device, partition: P
             "are kept: free some space and run the same command again to continue"
         ) from None
     seconds["write (sink thread, overlapped)"] = sink.busy_seconds
-    progress.report(seconds, rank=partition.rank)
+    progress.report(seconds, rank=partition.rank if partition.world > 1 else None)
 
 
 def _finish(plan: Plan, backbones=None) -> None:

@@ -3,19 +3,86 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from regionspot.devices import DEVICE_HELP, resolve_device
 from regionspot.errors import RegionSpotError
-from regionspot.models.options import BackboneOptions
+from regionspot.models.options import BackboneOptions, Preset
 from regionspot.options import check_options, option
 from regionspot.predict.inputs import parse_boxes, parse_points, parse_vocab, read_vocab_file
+
+DEFAULT_PRESET = "bl"
+# SamAutomaticMaskGenerator's own defaults suit SAM's real weights. The random `tiny` SAM rates every
+# mask near 0 (predicted IoU and stability), so for it the filters are off and the grid is small.
+AUTOMATIC_DEFAULTS = {
+    "sam": {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95},
+    "tiny": {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
+}
+
+
+def automatic_defaults(sam: str) -> dict:
+    """SamAutomaticMaskGenerator options for a SAM variant (vit_b, ..., tiny) when none are given."""
+    return {**AUTOMATIC_DEFAULTS["tiny" if sam == "tiny" else "sam"], "min_mask_region_area": 0}
+
+
+@lru_cache(maxsize=2)
+def _tiny_fingerprint(sam_tokens: int) -> str:
+    from regionspot.models.presets import load_backbones, resolve_backbones
+
+    return load_backbones(resolve_backbones("tiny", sam_tokens=sam_tokens)).fingerprint
+
+
+def checkpoint_preset(checkpoint: Path | str) -> dict:
+    """The backbone options a checkpoint's backbones fingerprint names, where it names a preset.
+
+    Only the `tiny` preset's fingerprint is known without weights files; a real preset's depends on
+    the weights, and an official .pth carries none. Returns {"backbones": "tiny", "sam_tokens": 1 or 3},
+    or {} when the fingerprint names no preset (or the checkpoint cannot be read: loading it says why).
+    """
+    from regionspot.models.checkpoint import head_file_metadata, resolve_checkpoint
+
+    try:
+        file = resolve_checkpoint(checkpoint)
+        fingerprint = head_file_metadata(file).get("fingerprint") if file.suffix == ".safetensors" else None
+    except RegionSpotError:
+        return {}
+    for tokens in (1, 3):
+        if fingerprint and fingerprint == _tiny_fingerprint(tokens):
+            return {"backbones": "tiny", "sam_tokens": tokens}
+    return {}
+
+
+def backbones_for_checkpoint(backbones: str | None, checkpoint: Path | str | None) -> dict:
+    """The backbone options a command without --backbones takes from its checkpoint ({} for none).
+
+    Args:
+        backbones: the --backbones given, or None when it was not given.
+        checkpoint: the --checkpoint given (None: no checkpoint, nothing to take).
+    Raises:
+        RegionSpotError when --backbones names another preset than the checkpoint's fingerprint does.
+    """
+    if checkpoint is None or backbones == "tiny" or not Path(checkpoint).exists():
+        return {}
+    found = checkpoint_preset(checkpoint)
+    if found and backbones is not None:
+        raise RegionSpotError(
+            f"checkpoint {checkpoint} carries the backbones fingerprint of the {found['backbones']} preset, "
+            f"not of --backbones {backbones}; pass --backbones {found['backbones']} or leave --backbones out"
+        )
+    return found
 
 
 @dataclass
 class PredictConfig(BackboneOptions):
+    backbones: Preset | None = option(
+        None,
+        "Backbone preset: bb (SAM ViT-B + CLIP ViT-B/16), bl (SAM ViT-B + CLIP ViT-L/14), bl336 (+ CLIP "
+        "ViT-L/14 at 336 px) or tiny (small random backbones, no weights); the flags below override parts of it. "
+        f"Default: the checkpoint's, when its backbones fingerprint is the tiny preset's; else {DEFAULT_PRESET}.",
+    )
     images: list[str] = option(
         default_factory=list, help="Image files, folders (searched recursively) or glob patterns."
     )
@@ -38,13 +105,32 @@ class PredictConfig(BackboneOptions):
     )  # fmt: skip
     masks: bool = option(True, "SAM's masks: drawn in the PNG and stored (COCO RLE) in the JSON.")
     attention: bool = option(
-        False, "Also write OUT/<stem>.attention.png: each region's attention over the CLIP map."
+        False, "Also write OUT/<stem>.regionspot.attention.png: each region's attention over the CLIP map."
     )
     embeddings: bool = option(
-        False, "Also write OUT/<stem>.embeddings.npy: float32 [N, D] region embeddings."
+        False, "Also write OUT/<stem>.regionspot.embeddings.npy: float32 [N, D] region embeddings."
     )
+    points_per_side: int | None = option(
+        None, "Automatic regions (no --boxes or --points): SAM's grid of N x N clicks (default: 32; 8 for tiny).",
+        min=1,
+    )  # fmt: skip
+    pred_iou_thresh: float | None = option(
+        None, "Automatic regions: keep the masks SAM rates above this predicted IoU, 0..1 (default: 0.88; "
+        "0, off, for tiny: its random SAM rates every mask near 0)."
+    )  # fmt: skip
+    stability_score_thresh: float | None = option(
+        None, "Automatic regions: keep the masks whose stability score is above this, 0..1 (default: 0.95; "
+        "0, off, for tiny)."
+    )  # fmt: skip
+    min_area: int = option(
+        0, "Automatic regions: drop those whose box is smaller than N pixels; SAM also removes islands and "
+        "holes smaller than N pixels from each mask (its min_mask_region_area).", min=0
+    )  # fmt: skip
     topk: int = option(5, "Labels listed per region, best first.", min=1)
-    out: Path = option(Path("predictions"), "Output folder: <stem>.json and <stem>.png per image.")
+    out: Path = option(
+        Path("predictions"), "Output folder: <stem>.regionspot.json and <stem>.regionspot.png per image "
+        "(never an input's name, so it may be the images' own folder)."
+    )  # fmt: skip
     batch_size: int = option(4, "Images per backbone forward pass.", min=1)
     max_boxes: int | None = option(None, "With --boxes-file: keep each image's N highest-scoring boxes.", min=1)
     device: str = option("auto", DEVICE_HELP)
@@ -71,7 +157,17 @@ class PredictConfig(BackboneOptions):
         elif not Path(self.checkpoint).exists():
             problems.append(f"--checkpoint {self.checkpoint}: no such file or directory")
         option_problems = check_options(self)
+        for flag, value in (("--pred-iou-thresh", self.pred_iou_thresh),
+                            ("--stability-score-thresh", self.stability_score_thresh)):  # fmt: skip
+            if value is not None and not 0 <= value <= 1:
+                option_problems.append(f"{flag} {value}: must be in [0, 1]")
         problems += option_problems
+        if not problems:  # no --backbones: the checkpoint's preset, if its fingerprint names one
+            # (a --backbones the checkpoint contradicts is refused here: its own problems would mislead)
+            found = backbones_for_checkpoint(self.backbones, self.checkpoint)
+            self.backbones = found.get("backbones", self.backbones or DEFAULT_PRESET)
+            if self.sam_tokens is None and "sam_tokens" in found:
+                self.sam_tokens = found["sam_tokens"]
         parsers = [self.vocabulary, self.box_prompts, self.point_prompts, self.torch_device]
         if not option_problems:  # the backbones' own check would repeat a bad choice; it checks files and tags
             parsers.append(self.spec)
@@ -83,6 +179,12 @@ class PredictConfig(BackboneOptions):
         if problems:
             raise RegionSpotError("; ".join(problems))
         return self
+
+    def spec(self):
+        """`BackboneOptions.spec`, with the default preset while --backbones is unset (`check` sets it)."""
+        from regionspot.models.presets import resolve_backbones
+
+        return resolve_backbones(self.backbones or DEFAULT_PRESET, **self.backbone_overrides())
 
     def vocabulary(self) -> list[str] | None:
         if self.vocab is not None:
@@ -96,6 +198,13 @@ class PredictConfig(BackboneOptions):
 
     def point_prompts(self) -> np.ndarray | None:
         return None if self.points is None else parse_points(self.points)
+
+    def automatic_options(self, sam: str) -> dict:
+        """SamAutomaticMaskGenerator options for prompt-less images: the flags given, else the defaults of
+        the SAM variant `sam` (see `automatic_defaults`)."""
+        given = {"points_per_side": self.points_per_side, "pred_iou_thresh": self.pred_iou_thresh,
+                 "stability_score_thresh": self.stability_score_thresh, "min_mask_region_area": self.min_area}
+        return {**automatic_defaults(sam), **{k: v for k, v in given.items() if v is not None}}
 
     def torch_device(self):
         """The torch.device --device names (checked: a CUDA device must be there)."""

@@ -113,16 +113,28 @@ def _as_rows(values, width: int, what: str) -> np.ndarray:
     return array
 
 
+def box_fault(box, width: int, height: int) -> str:
+    """Why a box was dropped (`sanitize_boxes` did not keep it): "not finite", "empty" (x0 >= x1 or
+    y0 >= y1 as given) or "outside the image" (a real box that does not overlap the image)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not np.isfinite([x0, y0, x1, y1]).all():
+        return "not finite"
+    if x1 <= x0 or y1 <= y0:
+        return "empty"
+    return "outside the image"
+
+
 def check_boxes(boxes, width: int, height: int) -> np.ndarray:
-    """Boxes as float32 [N, 4] XYXY pixels clipped to the image; a non-finite box, or one empty after
-    clipping, is an error."""
+    """Boxes as float32 [N, 4] XYXY pixels clipped to the image; a non-finite or empty box, or one
+    outside the image, is an error."""
     array = _as_rows(boxes, 4, "boxes (XYXY pixels)")
     clipped, keep, _ = sanitize_boxes(array, width, height)
     if not keep.all():
         i = int(np.flatnonzero(~keep)[0])
+        fault = box_fault(array[i], width, height)
         raise RegionSpotError(
-            f"{int((~keep).sum())} box(es) empty inside the {width}x{height} image, first #{i} {array[i].tolist()}; "
-            "give x0 < x1, y0 < y1 overlapping the image"
+            f"box #{i} {array[i].tolist()} is {fault} (the image is {width}x{height}; {int((~keep).sum())} "
+            "unusable box(es) in all); give x0 < x1, y0 < y1 overlapping the image"
         )
     return clipped
 
@@ -141,9 +153,25 @@ def check_points(points, width: int, height: int) -> np.ndarray:
 
 
 # --- inputs and outputs ------------------------------------------------------------------------
+OUTPUT_TAG = ".regionspot"  # in every output's name: an output can never be an input's name
+OUTPUTS = {  # what predict writes per image: OUT/<name><suffix>
+    "json": OUTPUT_TAG + ".json",
+    "png": OUTPUT_TAG + ".png",
+    "attention": OUTPUT_TAG + ".attention.png",
+    "embeddings": OUTPUT_TAG + ".embeddings.npy",
+}
+
+
+def is_output(path: Path) -> bool:
+    """Whether `path` is named like one of predict's outputs (folders and globs skip them: a second run
+    into the input folder does not take the first run's pictures for images)."""
+    return OUTPUT_TAG + "." in Path(path).name
+
+
 def expand_inputs(items: list[str]) -> list[Path]:
     """Image paths named by files, directories (recursively, image suffixes only) and globs; sorted
-    within each item, duplicates dropped. An item that names nothing is an error."""
+    within each item, duplicates dropped. Folders and globs skip predict's own outputs (`is_output`).
+    An item that names nothing is an error."""
     paths, missing = [], []
     for item in items:
         path = Path(item)
@@ -155,6 +183,8 @@ def expand_inputs(items: list[str]) -> list[Path]:
             found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
         else:
             found = None
+        if found and not path.is_file():
+            found = [p for p in found if not is_output(p)] or None
         if not found:
             missing.append(item)
         else:
@@ -175,7 +205,8 @@ def expand_inputs(items: list[str]) -> list[Path]:
 
 def output_names(paths: list[Path]) -> list[Path]:
     """Where each image's outputs go, relative to OUT, without suffix: the file stem, or (for images
-    whose stems collide) the path relative to the images' common folder, then the full file name."""
+    whose stems collide) the path relative to the images' common folder, then the full file name
+    (`img.jpg` and `img.png` in one folder: `img.jpg`, `img.png`)."""
     stems = [Path(p.stem) for p in paths]
     if len(set(stems)) == len(stems):
         return stems
@@ -187,6 +218,25 @@ def output_names(paths: list[Path]) -> list[Path]:
     if len(set(names)) < len(names):  # a.jpg and a.png in one folder: keep the suffix in the name
         names = [r.relative_to(common) for r in resolved]
     return names
+
+
+def output_file(out: Path, name: Path, kind: str) -> Path:
+    """OUT/<name>.regionspot.json (kind "json"), .regionspot.png ("png"), ... (see OUTPUTS)."""
+    name = Path(name)
+    return Path(out) / name.with_name(name.name + OUTPUTS[kind])
+
+
+def check_outputs(paths: list[Path], names: list[Path], out: Path, kinds: Sequence[str]) -> None:
+    """Refuse a run whose outputs would replace one of its input images (named explicitly)."""
+    inputs = {p.resolve(): p for p in paths}
+    for name in names:
+        for kind in kinds:
+            target = output_file(out, name, kind)
+            if target.resolve() in inputs:
+                raise RegionSpotError(
+                    f"{target}: this output would replace the input image {inputs[target.resolve()]}; "
+                    "pass another --out, or do not give predict's own outputs (*.regionspot.*) as inputs"
+                )
 
 
 def _common_parent(paths: list[Path]) -> str:

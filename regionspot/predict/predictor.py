@@ -20,11 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from regionspot.data.boxes import box_areas
 from regionspot.devices import resolve_device
 from regionspot.errors import RegionSpotError
+from regionspot.predict.config import DEFAULT_PRESET, automatic_defaults, backbones_for_checkpoint
 from regionspot.predict.inputs import check_boxes, check_image, check_points, check_vocabulary
 
 STORED_DTYPE = torch.float16  # what the shards hold (shards.schema.ARRAY_FIELDS); predict rounds the same way
+# SamAutomaticMaskGenerator upsamples every candidate mask of a batch of clicks to the image's size
+# (3 masks per click, ~8 bytes per pixel while it scores them): a batch is sized to stay under this.
+AUTOMATIC_BATCH_BYTES = 512 * 2**20
+AUTOMATIC_FILTERS = (  # the generator's filters in the order it applies them, with their flags
+    ("pred_iou_thresh", "--pred-iou-thresh"),
+    ("stability_score_thresh", "--stability-score-thresh"),
+    ("min_mask_region_area", "--min-area"),
+)
 
 
 @dataclass
@@ -109,7 +119,8 @@ class RegionPredictor:
     Build it with `from_checkpoint`; then `set_vocabulary`, `set_image`, `predict`. For many images,
     `encode_images` runs the backbones on a batch and `predict_features` names the regions of each.
     `automatic` holds SamAutomaticMaskGenerator options for prompt-less calls (points_per_side,
-    pred_iou_thresh, stability_score_thresh, ...).
+    pred_iou_thresh, stability_score_thresh, min_mask_region_area, ...; default `automatic_defaults`
+    of the SAM variant).
     """
 
     def __init__(self, backbones, head: torch.nn.Module, device: str | torch.device = "cpu", imported=False):
@@ -121,13 +132,13 @@ class RegionPredictor:
         self.vocabulary: list[str] = []
         self._text: torch.Tensor | None = None
         self._features: ImageFeatures | None = None
-        self.automatic: dict = {"points_per_side": 32}
+        self.automatic: dict = automatic_defaults(backbones.spec.sam)
 
     @classmethod
     def from_checkpoint(
         cls,
         checkpoint: str | Path,
-        backbones="bl",
+        backbones=None,
         *,
         sam_checkpoint: str | None = None,
         clip_pretrained: str | None = None,
@@ -140,7 +151,8 @@ class RegionPredictor:
             checkpoint: a checkpoint directory (runs/X/checkpoints/step-N or .../last), a
                 head.safetensors, or an official RegionSpot .pth (imported: it takes the chosen
                 backbones' fingerprint).
-            backbones: a preset name (bb, bl, bl336, tiny), `BackboneOptions` or a resolved `BackboneSpec`.
+            backbones: a preset name (bb, bl, bl336, tiny), `BackboneOptions` or a resolved `BackboneSpec`;
+                None: the checkpoint's preset when its fingerprint names one (tiny), else bl.
             sam_checkpoint, clip_pretrained, **overrides: with a preset name, the other
                 `BackboneOptions` (sam, clip, clip_size, sam_tokens).
             device: auto (default: CUDA when present, else the CPU), cpu, cuda, cuda:N or a torch.device.
@@ -149,10 +161,13 @@ class RegionPredictor:
         from regionspot.models.options import BackboneOptions
         from regionspot.models.presets import load_backbones
 
-        if isinstance(backbones, str):
+        if backbones is None or isinstance(backbones, str):
+            found = backbones_for_checkpoint(backbones, checkpoint)
+            overrides = {**{k: v for k, v in found.items() if k != "backbones"}, **overrides}
             backbones = BackboneOptions(
-                backbones, sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained, **overrides
-            )
+                found.get("backbones", backbones or DEFAULT_PRESET), sam_checkpoint=sam_checkpoint,
+                clip_pretrained=clip_pretrained, **overrides,
+            )  # fmt: skip
         runtime = backbones.runtime() if isinstance(backbones, BackboneOptions) else {}
         spec = backbones.spec() if isinstance(backbones, BackboneOptions) else backbones
         checkpoint = Path(checkpoint)
@@ -248,9 +263,7 @@ class RegionPredictor:
             )[0]
         else:
             if boxes is None:
-                boxes = np.asarray(sam.automatic_boxes(features.image, **self.automatic), np.float32).reshape(
-                    -1, 4
-                )
+                boxes = self.automatic_boxes(features)
             boxes = check_boxes(boxes, width, height)
             out = sam.region_tokens(
                 embedding, [torch.from_numpy(boxes).to(self.device)], [(height, width)], masks=masks
@@ -283,6 +296,50 @@ class RegionPredictor:
                 )
             )
         return regions
+
+    # --- automatic regions --------------------------------------------------------------------------
+    def automatic_boxes(self, features: ImageFeatures, options: dict | None = None) -> np.ndarray:
+        """Boxes float32 [N, 4] XYXY (pixels of the image) of the regions SAM's automatic mask generator
+        finds with `options` (default `self.automatic`); boxes smaller than min_mask_region_area dropped.
+
+        The generator sees the image at most at SAM's input size (what SAM's encoder sees anyway): it
+        scores every mask at the size it is given, so a 12-megapixel photo would cost minutes and
+        gigabytes for the same boxes. Clicks go in batches sized to stay under AUTOMATIC_BATCH_BYTES.
+        """
+        from PIL import Image
+
+        options = dict(self.automatic if options is None else options)
+        image = features.image
+        height, width = features.size
+        scale = min(1.0, self.backbones.sam.img_size / max(height, width))
+        if scale < 1:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        min_area = int(options.get("min_mask_region_area", 0))
+        options["min_mask_region_area"] = int(min_area * scale * scale)
+        pixels = image.shape[0] * image.shape[1]
+        options.setdefault("points_per_batch", int(np.clip(AUTOMATIC_BATCH_BYTES // (3 * 8 * pixels), 1, 64)))
+        points_per_side = options.pop("points_per_side", 32)
+        boxes = np.asarray(self.backbones.sam.automatic_boxes(image, points_per_side, **options), np.float32)
+        boxes = (boxes.reshape(-1, 4) / scale).clip(0, [width, height, width, height])
+        return boxes[box_areas(boxes) >= max(min_area, 1e-6)].astype(np.float32)
+
+    def explain_no_regions(self, features: ImageFeatures) -> str:
+        """Why the automatic mask generator kept no region of this image, and which option to lower: its
+        filters are relaxed one at a time, in the order it applies them, until regions appear (a few
+        more generator runs)."""
+        relaxed, off = dict(self.automatic), []
+        for key, flag in AUTOMATIC_FILTERS:
+            if not relaxed.get(key):
+                continue
+            off.append(f"{flag} 0")
+            relaxed[key] = 0
+            found = len(self.automatic_boxes(features, relaxed))
+            if found:
+                return (f"lower {flag} (now {self.automatic[key]}): with {' and '.join(off)} SAM keeps "
+                        f"{found} region(s)")  # fmt: skip
+        return (f"SAM finds no region even with every filter off; raise --points-per-side "
+                f"(now {self.automatic.get('points_per_side', 32)})")  # fmt: skip
 
     def _score(self, tokens, iou, clip_map, want_embeddings: bool, want_attention: bool):
         """Head + scoring, as evaluation does: (probs [N, K] float64, chosen token [N], embeddings

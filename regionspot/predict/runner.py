@@ -1,14 +1,18 @@
 """`regionspot predict` over files: batches of images through the predictor, per-image outputs, a
 progress bar and a summary (the options are `config`'s, the inputs `inputs`').
 
-What it writes, per image (OUT/<stem>, or OUT/<relative path without suffix> when stems collide):
-  <stem>.json             {"image", "width", "height", "regions": [{"box", "label", "score", "topk",
-                          "iou", "mask"?, "point"?, "proposal_score"?}], "dropped_boxes"?, "dropped_points"?},
-                          regions in prompt order;
-                          read it with json.load; masks are COCO RLE (pycocotools.mask.decode).
-  <stem>.png              the image with masks, boxes and "label score" captions.
-  <stem>.attention.png    (--attention) one heat-map panel per region.
-  <stem>.embeddings.npy   (--embeddings) float32 [N, D], prompt order; np.load(..., allow_pickle=False).
+What it writes, per image, as OUT/<name><suffix> (`inputs.OUTPUTS`): <name> is the file stem, or the
+relative path without suffix when stems collide across folders, or the file name when they collide in
+one folder (img.jpg, img.png). The `.regionspot` in every suffix keeps outputs off the inputs' names.
+  <name>.regionspot.json    {"image", "width", "height", "regions": [{"box", "label", "score", "topk",
+                            "iou", "mask"?, "point"?, "proposal_score"?}], "dropped_boxes"?,
+                            "dropped_points"?}, regions in prompt order;
+                            read it with json.load; masks are COCO RLE (pycocotools.mask.decode).
+  <name>.regionspot.png     the image with masks, boxes, clicked points and "label score" captions
+                            (a small image enlarged by an integer factor, MIN_PICTURE_SIDE).
+  <name>.regionspot.attention.png    (--attention) one heat-map panel per region.
+  <name>.regionspot.embeddings.npy   (--embeddings) float32 [N, D], prompt order;
+                            np.load(..., allow_pickle=False).
 
 Stream: paths (sorted) -> decode thread: a batch of uint8 images -> RegionPredictor.encode_images
 (SAM + CLIP once per image) -> predict_features per image -> files. At most two batches of images
@@ -27,7 +31,16 @@ import numpy as np
 from regionspot.data.boxes import best_n_in_order, sanitize_boxes
 from regionspot.errors import RegionSpotError
 from regionspot.predict.config import PredictConfig
-from regionspot.predict.inputs import ImageBoxes, expand_inputs, output_names
+from regionspot.predict.inputs import (
+    ImageBoxes,
+    box_fault,
+    check_outputs,
+    expand_inputs,
+    output_file,
+    output_names,
+)
+
+MIN_PICTURE_SIDE = 384  # a smaller image is drawn enlarged, so its captions stay legible
 
 
 def _write_json(path: Path, obj) -> None:
@@ -49,9 +62,10 @@ class Summary:
     regions: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable images
     boxes_clipped: int = 0
-    boxes_dropped: int = 0
+    boxes_dropped: dict[str, int] = field(default_factory=dict)  # why (inputs.box_fault) -> count
     points_dropped: int = 0
     images_without_regions: int = 0
+    automatic_advice: str | None = None  # why the automatic regions of an image were none, what to lower
     warnings: int = 0
 
     def warn(self, console, message: str, limit: int = 20) -> None:
@@ -70,12 +84,13 @@ class Summary:
             parts.append(f"{len(self.skipped)} unreadable image(s) skipped")
         if self.boxes_clipped:
             parts.append(f"{self.boxes_clipped} box(es) clipped to their image")
-        if self.boxes_dropped:
-            parts.append(f"{self.boxes_dropped} empty box(es) dropped")
+        for fault, count in sorted(self.boxes_dropped.items()):
+            parts.append(f"{count} box(es) dropped ({fault})")
         if self.points_dropped:
             parts.append(f"{self.points_dropped} point(s) outside their image dropped")
         if self.images_without_regions:
-            parts.append(f"{self.images_without_regions} image(s) without regions")
+            advice = f" (automatic regions: {self.automatic_advice})" if self.automatic_advice else ""
+            parts.append(f"{self.images_without_regions} image(s) without regions{advice}")
         return "; ".join(parts)
 
 
@@ -96,12 +111,13 @@ def make_plan(cfg: PredictConfig) -> Plan:
     """Check every option, find the images, read and match --boxes-file; loads no model."""
     cfg.check()
     paths = expand_inputs(cfg.images)
+    names = output_names(paths)
+    kinds = ["json", "png"] + ["attention"] * cfg.attention + ["embeddings"] * cfg.embeddings
+    check_outputs(paths, names, cfg.out, kinds)
     proposals = None
     if cfg.boxes_file is not None:
         proposals = ImageBoxes.load(cfg.boxes_file, paths)
-    return Plan(
-        cfg, paths, output_names(paths), cfg.vocabulary(), cfg.box_prompts(), cfg.point_prompts(), proposals
-    )
+    return Plan(cfg, paths, names, cfg.vocabulary(), cfg.box_prompts(), cfg.point_prompts(), proposals)
 
 
 def _decode(paths: list[Path]) -> list[tuple[np.ndarray | None, str | None]]:
@@ -131,6 +147,7 @@ def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) 
             cfg.checkpoint, cfg.spec(), device=cfg.torch_device()
         )
     predictor.set_vocabulary(plan.vocabulary)
+    predictor.automatic = cfg.automatic_options(predictor.backbones.spec.sam)
     cfg.out.mkdir(parents=True, exist_ok=True)
     summary = Summary()
     console = Console(stderr=True)
@@ -162,7 +179,7 @@ def run_predict(cfg: PredictConfig, predictor=None, show_progress: bool = True) 
 
 
 def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, console) -> None:
-    from regionspot.predict.draw import draw_attention, draw_regions, label_colors, save_png
+    from regionspot.predict.draw import draw_attention, draw_regions, region_colors, save_png
 
     cfg, path = plan.cfg, plan.paths[index]
     height, width = features.size
@@ -192,12 +209,13 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
             summary.boxes_clipped += int(counts.get("clipped", 0))
             if not keep.all():
                 dropped = np.flatnonzero(~keep)
-                summary.boxes_dropped += len(dropped)
-                record["dropped_boxes"] = [{"index": int(i), "box": given[i].tolist()} for i in dropped]
-                summary.warn(
-                    console,
-                    f"{path}: {len(dropped)} empty box(es) dropped (#{', #'.join(str(i + 1) for i in dropped[:5])})",
-                )
+                faults = [box_fault(given[i], width, height) for i in dropped]
+                for fault in faults:
+                    summary.boxes_dropped[fault] = summary.boxes_dropped.get(fault, 0) + 1
+                record["dropped_boxes"] = [{"index": int(i), "box": given[i].tolist(), "reason": fault}
+                                           for i, fault in zip(dropped, faults, strict=True)]  # fmt: skip
+                listed = ", ".join(f"#{i + 1} {fault}" for i, fault in zip(dropped[:5], faults, strict=False))
+                summary.warn(console, f"{path}: {len(dropped)} box(es) of the {width}x{height} image dropped ({listed})")
             if proposal_scores is not None:
                 proposal_scores = proposal_scores[keep]
                 best = best_n_in_order(proposal_scores, cfg.max_boxes)
@@ -206,6 +224,10 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
             features, boxes=boxes if boxes is not None else None, topk=cfg.topk, masks=cfg.masks,
             embeddings=cfg.embeddings, attention=cfg.attention,
         ) if boxes is None or len(boxes) else []  # fmt: skip
+    automatic = plan.points is None and plan.boxes is None and plan.proposals is None
+    if automatic and not regions and summary.automatic_advice is None:  # once per run: it runs SAM again
+        summary.automatic_advice = predictor.explain_no_regions(features)
+        summary.warn(console, f"{path}: no automatic regions; {summary.automatic_advice}")
     record["regions"] = [r.to_json() for r in regions]
     if proposal_scores is not None:
         for entry, s in zip(record["regions"], proposal_scores, strict=True):
@@ -213,22 +235,23 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
     summary.images += 1
     summary.regions += len(regions)
     summary.images_without_regions += not regions
-    stem = cfg.out / plan.names[index]
-    _write_json(stem.with_name(stem.name + ".json"), record)
+    name = plan.names[index]
+    _write_json(output_file(cfg.out, name, "json"), record)
     labels = [r.label for r in regions]
-    colors = label_colors(labels)
+    colors = region_colors(len(regions))
     boxes_xyxy = np.asarray([r.box for r in regions], np.float32).reshape(-1, 4)
     picture = draw_regions(
         features.image, boxes_xyxy, labels, [r.score for r in regions],
-        masks=[r.mask_array() for r in regions] if cfg.masks else None, colors=colors,
+        masks=[r.mask_array() for r in regions] if cfg.masks else None, points=[r.point for r in regions],
+        colors=colors, min_side=MIN_PICTURE_SIDE,
     )  # fmt: skip
-    save_png(picture, stem.with_name(stem.name + ".png"))
+    save_png(picture, output_file(cfg.out, name, "png"))
     if cfg.attention:
         attention = np.stack([r.attention for r in regions]) if regions else np.zeros((0, 1), np.float32)
         sheet = draw_attention(
             features.image, boxes_xyxy, labels, [r.score for r in regions], attention, colors
         )
-        save_png(sheet, stem.with_name(stem.name + ".attention.png"))
+        save_png(sheet, output_file(cfg.out, name, "attention"))
     if cfg.embeddings:
         dim = predictor.backbones.clip.embed_dim
         emb = (
@@ -236,4 +259,4 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
             if regions
             else np.zeros((0, dim), np.float32)
         )
-        np.save(stem.with_name(stem.name + ".embeddings.npy"), emb, allow_pickle=False)
+        np.save(output_file(cfg.out, name, "embeddings"), emb, allow_pickle=False)

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from regionspot.errors import RegionSpotError
+from regionspot.shards.identity import IDENTITY
 from regionspot.shards.index import ShardFault, index_differences, read_index
 from regionspot.shards.location import Location
-from regionspot.shards.manifest import read_manifest
+from regionspot.shards.manifest import MANIFEST, read_manifest
 from regionspot.shards.schema import TEXT_DTYPE
 from regionspot.shards.staging import fetch
 from regionspot.shards.storage import SUFFIXES, open_reader, scan_index, shard_checksum
@@ -223,3 +224,17 @@ def shardset_info(path: Path | str | Location) -> dict:
         "fingerprint": manifest["backbones"]["fingerprint"],
         "run": json.dumps(manifest["run"]),
     }
+
+
+def shard_sets_in(path: Path | str) -> list[Path]:
+    """The shard sets one level under `path` when it is a folder of sets (what `train --shards` mixes),
+    sorted by name; [] when `path` is a shard set itself (or holds none). A set there counts whether
+    its extraction finished or not (verify then says what is missing)."""
+    path = Path(path)
+
+    def is_set(p: Path) -> bool:
+        return (p / MANIFEST).exists() or (p / IDENTITY).exists() or any(p.glob("shard-*"))
+
+    if not path.is_dir() or is_set(path):
+        return []
+    return sorted(p for p in path.iterdir() if p.is_dir() and is_set(p))
