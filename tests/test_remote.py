@@ -125,6 +125,24 @@ def test_a_killed_upload_leaves_no_record_and_the_same_command_finishes_the_set(
     assert _objects(url) == _objects(sets[1])
 
 
+def test_a_rank_killed_midway_and_restarted_alone_finishes_the_set(sets, s3_module, toy_val, monkeypatch):
+    """Rank 1 of 2 dies on its shard's record upload; rank 0 finishes its own shard (no manifest yet); rank 1
+    restarted alone redoes its shard and, last to finish, writes the manifest of the one-process set."""
+    url = f"{s3_module.url}/sets/ranks"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    s3_module.fail("ranks/shard-000001.json", "503", times=None, method="PUT")
+    with pytest.raises(RegionSpotError, match=r"ranks/shard-000001.json: upload failed"):
+        _extract(toy_val, url)
+    s3_module.server.faults.clear()
+    monkeypatch.setenv("RANK", "0")
+    _extract(toy_val, url)
+    assert "manifest.json" not in Location.parse(url).list()  # rank 1's shard is still missing
+    monkeypatch.setenv("RANK", "1")
+    _extract(toy_val, url)
+    assert _objects(url) == _objects(sets[1])
+
+
 @pytest.mark.slow
 def test_two_processes_extract_into_s3_the_set_of_one(sets, s3_module, toy_val):
     """Two ranks (RANK / WORLD_SIZE, as torchrun and srun set them) write one set at a URL together."""
