@@ -56,6 +56,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     from regionspot.train.trainer import run_train
 
     console = Console(stderr=True)
+
+    def say(message: str) -> None:  # one line however long its paths: no wrapping, no markup
+        console.print(message, soft_wrap=True, markup=False, highlight=False)
+
     out = Path(cfg.out)
     data_root = resolve_data_root(cfg.data_root)
     seconds: dict[str, float] = {}
@@ -69,7 +73,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         )  # fmt: skip
         differences = _shards_differ(extract)
         if differences:
-            console.print(f"{extract.out} holds shards of other settings ({differences[0]}): extracting again")
+            say(f"{extract.out} holds shards of other settings ({differences[0]}): extracting again")
         extract.overwrite = remade[dataset] = bool(differences)
         shards[dataset] = run_extract(extract)
         seconds[f"extract {dataset}"] = time.perf_counter() - started
@@ -87,10 +91,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         if remade["toy"] and previous != "new":  # trained on the shards just replaced
             previous = "other"
         if previous == "finished":
-            console.print(f"{train.out} holds this run, finished: reusing it")
+            say(f"{train.out} holds this run, finished: reusing it")
         else:
             if previous == "other":
-                console.print(f"{train.out} holds a run of other settings: training again from the start")
+                say(f"{train.out} holds a run of other settings: training again from the start")
                 shutil.rmtree(train.out)
             train.resume = previous == "unfinished"
             run_train(train)

@@ -18,12 +18,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 RGB = tuple[int, int, int]
 
-# Tableau 10 followed by ten further distinct hues: neighbouring indices stay far apart in colour.
+# Tableau 10 (its grey made teal: greys vanish on photos) followed by ten further distinct hues:
+# neighbouring indices stay far apart in colour.
 PALETTE: tuple[RGB, ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (140, 86, 75), (227, 119, 194), (0, 128, 128), (188, 189, 34), (23, 190, 207),
     (0, 92, 49), (255, 204, 0), (0, 0, 160), (255, 80, 160), (0, 200, 120),
-    (160, 0, 0), (90, 200, 255), (120, 60, 0), (200, 150, 255), (60, 60, 60),
+    (160, 0, 0), (90, 200, 255), (120, 60, 0), (200, 150, 255), (255, 150, 90),
 )  # fmt: skip
 HALO: RGB = (0, 0, 0)  # drawn around outlines and markers: they stay visible over any mask colour
 
@@ -40,11 +41,12 @@ def region_colors(n: int) -> list[RGB]:
 
 
 def label_colors(labels: Sequence[str]) -> dict[str, RGB]:
-    """A colour per distinct label, in order of first appearance (distinct for up to 20 labels)."""
+    """A colour per distinct label, in order of first appearance (distinct for up to 20 labels). Labels
+    take the palette from its far end, so the first label's swatch never matches the first region."""
     colors: dict[str, RGB] = {}
     for label in labels:
         if label not in colors:
-            colors[label] = PALETTE[len(colors) % len(PALETTE)]
+            colors[label] = PALETTE[-1 - len(colors) % len(PALETTE)]
     return colors
 
 
