@@ -289,7 +289,7 @@ def _verify_shardset(directory, prefix: str) -> int:
 def shards_reindex(
     directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
 ) -> None:
-    """Write the per-sample index into a shard set's records, in place (format version 1 -> 2).
+    """Write the current per-sample index into a shard set's records, in place (format version 1 or 2 -> 3).
 
     Training and evaluation read a sample in one read through the index and check it. Each shard is first
     checked against the manifest's sha256: a damaged shard is refused, never indexed.

@@ -29,7 +29,7 @@ from regionspot.shards.loader import (
     read_shard_samples,
 )
 from regionspot.shards.manifest import MANIFEST, TEXT_EMBEDDINGS, build_manifest, is_finished, read_manifest
-from regionspot.shards.schema import ARRAY_FIELDS, SAM_DIM, Sample, record_name, shard_name
+from regionspot.shards.schema import ARRAY_FIELDS, SAM_DIM, SCHEMA_VERSION, Sample, record_name, shard_name
 from regionspot.shards.shardset import ShardSet, check_mixable, find_shardsets
 from regionspot.shards.storage import iter_shard, open_writer, read_shard, scan_index, shard_checksum
 from regionspot.shards.verify import shardset_info, verify_shardset
@@ -912,7 +912,7 @@ def test_shardset_fits_and_find(tmp_path):
     assert not is_finished(tmp_path / "root" / "unfinished") and is_finished(out)
 
 
-# --- the per-sample index (format version 2) ---------------------------------------------------------
+# --- the per-sample index (format version 3) ---------------------------------------------------------
 
 
 def _record(out: Path, index: int = 0) -> dict:
@@ -926,12 +926,12 @@ def _member(out: Path, shard: int, sample: int, field: str) -> tuple[int, int]:
     return entry["offset"] + rel, size
 
 
-@pytest.fixture(params=["scratch", "scatter"])
+@pytest.fixture(params=["planned", "general"])
 def scatter(request, monkeypatch):
-    """Both ways an array reaches its batch: through the scratch buffer (small arrays) or read straight
-    into the batch (large ones; here every array)."""
-    if request.param == "scatter":
-        monkeypatch.setattr("regionspot.shards.wds._SCATTER", 0)
+    """Both ways a wds sample is read: by its layout's plan (straight into the batch, the headers compared
+    in one go) or by the general read (every header parsed; a sample not written as planned, a bare shard)."""
+    if request.param == "general":
+        monkeypatch.setattr("regionspot.shards.wds.WdsReader._plan", lambda self, e, into: None)
     return request.param
 
 
@@ -1018,11 +1018,11 @@ def test_a_label_outside_the_vocabulary_stops_reads(tmp_path):
 def test_zarr_reads_check_their_arrays(tmp_path):
     out = build_set(tmp_path / "set", "zarr", [make_samples(counts=(2, 3))])
     record = _record(out)
-    record["sample_index"][1]["crc32c"] ^= 1
+    record["sample_index"][1]["xxh3"] ^= 1
     write_json_atomic(out / record_name(0), record)
     with pytest.raises(ShardFault, match="sample 0001: checksum mismatch"):
         list(ShardSet(out).iter_samples())
-    record["sample_index"][1]["crc32c"] ^= 1
+    record["sample_index"][1]["xxh3"] ^= 1
     record["sample_index"][1]["rows"] = [3, 5]
     write_json_atomic(out / record_name(0), record)
     with pytest.raises(ShardFault, match=re.escape("sample 0001: its region rows are [2, 5], the index says [3, 5]")):
@@ -1059,9 +1059,9 @@ def test_verify_checks_the_index(tmp_path, storage):
     write_json_atomic(out / record_name(0), record)
     assert verify_shardset(out) == [f"{record_name(0)}: the per-sample index disagrees with {shard_name(0, storage)}: {phrase}"]
     record = json.loads(json.dumps(good))
-    record["sample_index"][2]["crc32c"] ^= 0xFF
+    record["sample_index"][2]["xxh3"] ^= 0xFF
     write_json_atomic(out / record_name(0), record)
-    assert [f.split(" (crc32c")[0] for f in verify_shardset(out)] == [f"{shard_name(0, storage)}: sample 0002: checksum mismatch"]
+    assert [f.split(" (xxh3")[0] for f in verify_shardset(out)] == [f"{shard_name(0, storage)}: sample 0002: checksum mismatch"]
     del record["sample_index"]
     write_json_atomic(out / record_name(0), record)
     faults = verify_shardset(out)
@@ -1071,21 +1071,32 @@ def test_verify_checks_the_index(tmp_path, storage):
                                     f"run 'regionspot shards reindex {out}'"]  # fmt: skip
 
 
+def _older(record: dict, version: int) -> dict:
+    """A current record as an extraction of format `version` wrote it: 1, no index; 2, CRC-32C checksums."""
+    if version == 1:
+        return {k: v for k, v in record.items() if k not in ("layout", "sample_index")}
+    index = [{("crc32c" if k == "xxh3" else k): (v & 0xFFFFFFFF if k == "xxh3" else v) for k, v in e.items()}
+             for e in record["sample_index"]]  # fmt: skip
+    return {**record, "sample_index": index}
+
+
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("storage", ["wds", "zarr"])
-def test_reindex_upgrades_a_version_1_set(tmp_path, storage):
+def test_reindex_upgrades_an_older_set(tmp_path, storage, version):
     out = build_set(tmp_path / "set", storage, [make_samples(), make_samples(seed=1, start=5)])
     records = [_record(out, i) for i in range(2)]
-    for i, record in enumerate(records):  # what a version 1 extraction wrote
-        write_json_atomic(out / record_name(i), {k: v for k, v in record.items() if k not in ("layout", "sample_index")})
+    for i, record in enumerate(records):
+        write_json_atomic(out / record_name(i), _older(record, version))
     (out / record_name(1)).unlink()  # and a record lost since
     manifest = read_manifest(out)
-    write_json_atomic(out / MANIFEST, {**manifest, "version": 1})
-    with pytest.raises(RegionSpotError, match=f"format version 1 has no per-sample index; run 'regionspot shards reindex {out}'"):
+    write_json_atomic(out / MANIFEST, {**manifest, "version": version})
+    said = "no" if version == 1 else "an older"
+    with pytest.raises(RegionSpotError, match=f"format version {version} has {said} per-sample index; run 'regionspot shards reindex {out}'"):
         ShardSet(out)
     assert "regionspot shards reindex" in verify_shardset(out)[0]
     r = CliRunner().invoke(app, ["shards", "reindex", str(out)])
     assert r.exit_code == 0, r.output
-    assert "indexed: 2 shards, 10 images (format version 2)" in r.output
+    assert f"indexed: 2 shards, 10 images (format version {SCHEMA_VERSION})" in r.output
     assert [_record(out, i) for i in range(2)] == [records[0], {**records[1], "skipped": []}]
     assert read_manifest(out) == manifest and verify_shardset(out) == []
     flip_byte(out / shard_name(0, storage) if storage == "wds" else max(

@@ -12,7 +12,7 @@ copied once, from the page cache to the batch, and checked on the way (shards/in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -134,12 +134,12 @@ def _batch(samples: Sequence[Sample], tensors: dict[str, torch.Tensor]) -> Batch
     )
 
 
-def _check_one_layout(keys: Sequence[str], layouts: Sequence[tuple[int, tuple]]) -> tuple[int, tuple]:
-    """The (T, [L, C]) shared by every sample of a batch."""
-    for key, layout in zip(keys, layouts, strict=True):
+def _check_one_layout(layouts: Sequence[tuple[int, tuple]], key: Callable[[int], str]) -> tuple[int, tuple]:
+    """The (T, [L, C]) shared by every sample of a batch; `key(i)` names sample i (only for the error)."""
+    for i, layout in enumerate(layouts):
         if layout != layouts[0]:
             raise RegionSpotError(
-                f"cannot batch sample {key!r} (T={layout[0]}, clip map {list(layout[1])}) with {keys[0]!r} "
+                f"cannot batch sample {key(i)!r} (T={layout[0]}, clip map {list(layout[1])}) with {key(0)!r} "
                 f"(T={layouts[0][0]}, clip map {list(layouts[0][1])}): samples from other backbones"
             )
     return layouts[0] if layouts else (1, (0, 0))
@@ -156,7 +156,7 @@ def collate(samples: list[Sample], pin: bool = False) -> Batch:
         `region_mask` True on them, padded rows zero with label -1. One copy per field.
     """
     t, clip_shape = _check_one_layout(
-        [s.key for s in samples], [(s.sam_tokens.shape[1], tuple(s.clip_map.shape)) for s in samples]
+        [(s.sam_tokens.shape[1], tuple(s.clip_map.shape)) for s in samples], lambda i: samples[i].key
     )
     n = max((s.num_regions for s in samples), default=0)
     tensors = _allocate(len(samples), n, t, clip_shape, pin)
@@ -207,7 +207,7 @@ def assemble(refs: Sequence[SampleRef], verify: bool = True, pin: bool = False) 
         another shape or dtype, a label outside the vocabulary.
     """
     t, clip_shape = _check_one_layout(
-        [r.key for r in refs], [(r.reader.tokens, tuple(r.reader.clip_shape or (0, 0))) for r in refs]
+        [(r.reader.tokens, r.reader.clip_shape or (0, 0)) for r in refs], lambda i: refs[i].key
     )
     counts = [r.num_regions for r in refs]
     tensors = _allocate(len(refs), max(counts, default=0), t, clip_shape, pin)

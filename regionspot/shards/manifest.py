@@ -11,7 +11,7 @@ from pathlib import Path
 
 from regionspot.errors import RegionSpotError
 from regionspot.shards.location import Location
-from regionspot.shards.schema import FORMAT, SCHEMA_VERSION
+from regionspot.shards.schema import FORMAT, REINDEXABLE, SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
 TEXT_EMBEDDINGS = "text_embeddings.npy"
@@ -77,8 +77,8 @@ def read_manifest(path: Path | str | Location, versions: tuple[int, ...] = (SCHE
 
     Raises RegionSpotError naming the fix: no directory or no shards ("run 'regionspot extract'
     first"), shards but no manifest (the extraction has not finished), invalid JSON, another format
-    or schema version (one of `versions`; version 1, without the per-sample index: "run 'regionspot
-    shards reindex'")."""
+    or schema version (one of `versions`; an older version that reindexing brings up to date: "run
+    'regionspot shards reindex'")."""
     where = Location.parse(path)
     file = where.display(MANIFEST)
     try:
@@ -101,10 +101,11 @@ def read_manifest(path: Path | str | Location, versions: tuple[int, ...] = (SCHE
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise RegionSpotError(f"{file}: not a regionspot shard manifest (format {found!r})")
-    if manifest.get("version") == 1 and 1 not in versions:
+    version = manifest.get("version")
+    if version in REINDEXABLE and version not in versions:
         raise RegionSpotError(
-            f"{where}: shard format version 1 has no per-sample index; run 'regionspot shards reindex {where}' "
-            "once to add it (in place; the shards stay as they are)"
+            f"{where}: shard format version {version} has {'no' if version == 1 else 'an older'} per-sample index; "
+            f"run 'regionspot shards reindex {where}' once to write it (in place; the shards stay as they are)"
         )
     if manifest.get("version") not in versions:
         raise RegionSpotError(

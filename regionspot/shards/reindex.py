@@ -1,6 +1,6 @@
-"""`regionspot shards reindex`: give a shard set written before the per-sample index (format version 1)
-its index, in place: each record gains its shard's "layout" and "sample_index" (shards/index.py), then the
-manifest says version 2. The shards themselves are not rewritten.
+"""`regionspot shards reindex`: give a shard set written before the current per-sample index (format version
+1: none; 2: CRC-32C checksums) that index, in place: each record gets its shard's "layout" and "sample_index"
+(shards/index.py), then the manifest says the current version. The shards themselves are not rewritten.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from regionspot.errors import RegionSpotError
 from regionspot.shards.index import INDEX, LAYOUT
 from regionspot.shards.manifest import MANIFEST, read_manifest
-from regionspot.shards.schema import SCHEMA_VERSION, record_name
+from regionspot.shards.schema import REINDEXABLE, SCHEMA_VERSION, record_name
 from regionspot.shards.storage import scan_index, shard_checksum
 from regionspot.shards.writer import write_json_atomic
 
@@ -21,7 +21,7 @@ _ENTRY = ("name", "samples", "regions", "bytes", "sha256")
 
 def reindex_shardset(path: Path | str, on_shard: Callable[[str], None] | None = None) -> dict:
     """Write the per-sample index of every shard of the set at `path` into its record and mark the manifest
-    format version 2; returns the new manifest. Running it again rewrites the same index.
+    the current format version; returns the new manifest. Running it again rewrites the same index.
 
     Each shard is checked against the manifest's sha256 and byte count first, and its samples and regions
     against the manifest's counts: an index is only written for the bytes the extraction wrote.
@@ -30,7 +30,7 @@ def reindex_shardset(path: Path | str, on_shard: Callable[[str], None] | None = 
         RegionSpotError naming the shard: missing, damaged (checksum), or holding other counts.
     """
     path = Path(path)
-    manifest = read_manifest(path, versions=(1, SCHEMA_VERSION))
+    manifest = read_manifest(path, versions=(*REINDEXABLE, SCHEMA_VERSION))
     try:
         entries = [{k: s[k] for k in _ENTRY} for s in manifest["shards"]]
     except (KeyError, TypeError) as e:

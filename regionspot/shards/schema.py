@@ -12,7 +12,9 @@ import numpy as np
 from regionspot.errors import RegionSpotError
 
 FORMAT = "regionspot-shards"
-SCHEMA_VERSION = 2  # 2: each shard's record holds the per-sample index (shards/index.py)
+# 2: each shard's record holds the per-sample index (shards/index.py); 3: the index's checksum is XXH3-64
+SCHEMA_VERSION = 3
+REINDEXABLE = (1, 2)  # older versions whose shards `regionspot shards reindex` brings to this one
 SAM_DIM = 256
 
 # The backbones' outputs (SAM tokens and IoU, CLIP maps) are stored at half precision: the cache's size

@@ -39,7 +39,7 @@ def _check_shard(
 ) -> list[str]:
     """Faults of one present shard: checksum (`checksum` when it was taken already), then (if its bytes
     are right) its record's per-sample index against the shard, then every sample read through the index
-    (its crc32c), its schema and the counts. `where`: the set, when `path` is a scratch copy of its shard."""
+    (its checksum), its schema and the counts. `where`: the set, when `path` is a scratch copy of its shard."""
     name = entry["name"]
     sha, nbytes = checksum or shard_checksum(path)
     if (sha, nbytes) != (entry["sha256"], entry["bytes"]):

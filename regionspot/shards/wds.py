@@ -10,17 +10,19 @@ mode, members in sample order and field order, so the same samples give the same
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.index import MEMBERS, IndexedShard, checksum, make_layout
+from regionspot.shards.index import CHECKSUM, MEMBERS, IndexedShard, checksum, hasher, make_layout, mismatch
 from regionspot.shards.location import Location
 from regionspot.shards.schema import (
     META_FIELDS,
@@ -32,10 +34,6 @@ from regionspot.shards.schema import (
 )
 
 _BLOCK = tarfile.BLOCKSIZE  # tar members start on 512-byte blocks
-# Arrays at least this large are read straight into their destination; smaller ones (boxes, labels, scores,
-# IoUs: a few bytes per region) land in the scratch buffer and are copied: a read split into fewer pieces
-# costs less than the copy saved.
-_SCATTER = 16 << 10
 
 
 def _padded(size: int) -> int:
@@ -53,12 +51,12 @@ class _Tap:
     per-sample index costs no second pass over the data."""
 
     def __init__(self, file):
-        self.file, self.pos, self.crc = file, 0, 0
+        self.file, self.pos, self.hash = file, 0, hasher()
 
     def write(self, data) -> int:
         self.file.write(data)
         self.pos += len(data)
-        self.crc = checksum([data], self.crc)
+        self.hash.update(data)
         return len(data)
 
     def tell(self) -> int:
@@ -98,13 +96,13 @@ class WdsShardWriter:
         """Append one sample: `<key>.json`, then `<key>.<field>.npy` in ARRAY_FIELDS order."""
         self._guard(sample)
         meta = json.dumps(sample.meta(), sort_keys=True, separators=(",", ":"), default=json_default).encode()
-        start, self._tap.crc = self._tap.pos, 0
+        start, self._tap.hash = self._tap.pos, hasher()
         members = [(self._add(f"{sample.key}.json", meta), len(meta))]
         for name, array in sample.arrays().items():
             data = _npy_bytes(array)
             members.append((self._add(f"{sample.key}.{name}.npy", data), len(data)))
         self.entries.append({
-            "key": sample.key, "regions": sample.num_regions, "crc32c": self._tap.crc, "offset": start,
+            "key": sample.key, "regions": sample.num_regions, CHECKSUM: self._tap.hash.intdigest(), "offset": start,
             "length": self._tap.pos - start, "members": [[offset - start, size] for offset, size in members],
         })  # fmt: skip
 
@@ -198,6 +196,82 @@ def _preadv_all(fd: int, views: list[np.ndarray], offset: int, length: int) -> N
             got = os.preadv(fd, rest, offset)
 
 
+@functools.cache
+def _written_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The .npy header `np.save` writes for an array of `shape` and `dtype` (C order)."""
+    buf = io.BytesIO()
+    header = np.lib.format.header_data_from_array_1_0(np.empty(shape, dtype))  # np.empty: never touched
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the samples of one layout are read: those whose array members are where the index says and whose
+    .npy headers are the ones `np.save` writes for the indexed shapes (every shard regionspot writes).
+
+    One `preadv` fills, in file order, the destinations' arrays straight and every other byte of the span
+    (tar headers and padding, metadata, .npy headers, arrays without a destination) into one scratch buffer;
+    one comparison then checks all .npy headers. Samples of one region count (and one array-member layout)
+    share a plan, so its bookkeeping is done once, not per sample.
+    """
+
+    members: list  # the index entry's array members, as the plan assumes them
+    scratch: int  # bytes of the scratch buffer
+    pieces: tuple[slice | str, ...]  # per iovec: a slice of the scratch or a destination's name
+    headers: tuple[slice, ...]  # the .npy headers in the scratch ...
+    expected: bytes  # ... and their bytes as written
+    shapes: dict[str, tuple[int, ...]]  # every array's shape
+    scratched: tuple[
+        tuple[str, slice], ...
+    ]  # (name, its data in the scratch) of arrays without a destination
+
+    @staticmethod
+    def make(e: dict, shapes: dict[str, tuple[int, ...]], into: tuple[str, ...]) -> _Plan | None:
+        """The plan of index entry `e` for arrays of `shapes`, those named `into` read into destinations;
+        None when its members cannot hold such arrays as written (its headers are then parsed)."""
+        pieces: list[slice | str] = []
+        headers, expected, scratched = [], [], []
+        pos = used = 0  # bytes of the span planned; of them, in the scratch
+
+        def keep(stop: int) -> slice:
+            """The span's bytes [pos, stop) into the scratch; returns where they land there."""
+            nonlocal pos, used
+            landed = slice(used, used + stop - pos)
+            if pieces and isinstance(pieces[-1], slice):
+                pieces[-1] = slice(pieces[-1].start, landed.stop)
+            else:
+                pieces.append(landed)
+            pos, used = stop, landed.stop
+            return landed
+
+        members = e["members"]
+        if members[0][0] + members[0][1] > members[1][0]:  # the metadata must precede the arrays
+            return None
+        for name, (rel, size) in zip(MEMBERS[1:], members[1:], strict=True):
+            header, dtype = _written_header(shapes[name], STORED_DTYPES[name]), STORED_DTYPES[name]
+            if (
+                rel < pos
+                or rel + size > e["length"]
+                or size != len(header) + math.prod(shapes[name]) * dtype.itemsize
+            ):
+                return None
+            keep(rel)
+            headers.append(keep(rel + len(header)))
+            expected.append(header)
+            if name in into:
+                pieces.append(name)
+                pos = rel + size
+            else:
+                scratched.append((name, keep(rel + size)))
+        keep(e["length"])
+        return _Plan([list(m) for m in members[1:]], used, tuple(pieces), tuple(headers), b"".join(expected),
+                     shapes, tuple(scratched))  # fmt: skip
+
+
+_PLANS: dict[tuple, _Plan | None] = {}  # (layout, destinations, regions, span length, first array) -> plan
+
+
 class WdsReader(IndexedShard):
     """Indexed reads of one tar shard: each sample is one read of its byte range, checked and sliced.
 
@@ -225,16 +299,75 @@ class WdsReader(IndexedShard):
         return self._read(i, {}, verify, own=True)
 
     def read_into(self, i: int, dest: dict[str, np.ndarray], verify: bool = True) -> Sample:
-        """Sample `i`, its arrays named in `dest` filled in (C-contiguous, of the stored dtype and the
-        sample's shapes): the large ones (CLIP map, SAM tokens) read straight from the file, one copy; the
-        small ones (a few bytes per region) through the scratch buffer, in the same read.
+        """Sample `i`, its arrays named in `dest` read straight into those arrays (C-contiguous, of the stored
+        dtype and the sample's shapes): one copy, from the file; the others land in a scratch buffer of the
+        same read and are copied out.
 
-        Returns the sample: the `dest` arrays, and small copies of the other arrays.
+        Returns the sample: the `dest` arrays, and copies of the other arrays.
         Raises:
             ShardFault: a checksum mismatch (when `verify`), a truncated shard, an array of another shape or
             dtype, a label outside the vocabulary, metadata that is not the indexed sample's.
         """
+        e = self.entries[i]
+        plan = self._plan(e, tuple(dest)) if self.tokens is not None and "regions" in e else None
+        if plan is not None:
+            for name, out in dest.items():
+                if out.shape != plan.shapes[name]:
+                    raise self.fault(
+                        e["key"], f"{name} is {list(plan.shapes[name])}, its destination {list(out.shape)}"
+                    )
+            try:
+                sample = self._read_planned(e, plan, dest, verify)
+            except (KeyError, TypeError, ValueError) as err:
+                raise self.fault(e["key"], f"unreadable ({err})") from err
+            if sample is not None:
+                return sample
         return self._read(i, dest, verify, own=False)
+
+    def _plan(self, e: dict, into: tuple[str, ...]) -> _Plan | None:
+        try:
+            members = e["members"]
+            # what fixes a plan but the members, then the members compared: cheaper than hashing them
+            key = (self.tokens, self.clip_shape, into, e["regions"], e["length"], members[1][0])
+            plan = _PLANS.get(key)
+            if plan is None or plan.members != members[1:]:
+                if len(_PLANS) > 4096:
+                    _PLANS.clear()
+                shapes = field_shapes(e["regions"], self.tokens, self.clip_shape)
+                plan = _PLANS[key] = _Plan.make(e, shapes, into)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None  # a malformed entry: the general read names what is wrong
+        return plan
+
+    def _read_planned(self, e: dict, plan: _Plan, dest: dict[str, np.ndarray], verify: bool) -> Sample | None:
+        """Sample of entry `e` read by `plan`; None when its .npy headers are not as planned."""
+        key, (rel, size) = e["key"], e["members"][0]
+        if self._scratch.nbytes < plan.scratch:
+            self._scratch = np.empty(max(plan.scratch, 2 * self._scratch.nbytes), np.uint8)
+        scratch = self._scratch
+        views = [scratch[p] if isinstance(p, slice) else dest[p] for p in plan.pieces]
+        self._read_span(e, views)
+        if verify:
+            h = hasher()
+            for v in views:
+                h.update(v)
+            if (digest := h.intdigest()) != e[CHECKSUM]:
+                raise self.fault(key, f"{mismatch(digest, e[CHECKSUM])}: its bytes changed since extraction")
+        at = memoryview(scratch)
+        if b"".join([at[h] for h in plan.headers]) != plan.expected:
+            return None
+        meta = json.loads(scratch[rel : rel + size].tobytes().decode())  # the first scratch piece starts the span
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            found = meta.get("key") if isinstance(meta, dict) else meta
+            raise self.fault(key, f"its metadata names key {found!r}: the index and the shard disagree")
+        arrays = dict(dest)
+        for name, data in plan.scratched:
+            arrays[name] = scratch[data].view(STORED_DTYPES[name]).reshape(plan.shapes[name]).copy()
+        self.check_labels(key, arrays["labels"])
+        try:
+            return Sample(**{n: meta[n] for n in META_FIELDS}, **arrays, masks=meta.get("masks"))
+        except KeyError as err:
+            raise self.fault(key, f"its metadata lacks {err}") from None
 
     def _read(self, i: int, dest: dict[str, np.ndarray], verify: bool, own: bool) -> Sample:
         e = self.entries[i]
@@ -244,54 +377,25 @@ class WdsReader(IndexedShard):
             raise self.fault(e.get("key", f"#{i}"), f"unreadable ({err})") from err
 
     def _decode(self, e: dict, dest: dict[str, np.ndarray], verify: bool, own: bool) -> Sample:
+        """The general read: the whole span into a buffer, every .npy header parsed and checked (a bare
+        shard's samples, whose index has no shapes; a sample not written as planned)."""
         key, length, members = e["key"], e["length"], e["members"]
-        # The span in file order: the array data named in `dest` lands there, the rest (tar headers, metadata,
-        # .npy headers, arrays not in `dest`) in one scratch buffer.
-        cuts, fill = [], length  # (data start, data stop, member number, destination); scratch bytes
-        for j in range(1, len(MEMBERS)):
-            out = dest.get(MEMBERS[j])
-            if out is not None and out.nbytes >= _SCATTER:
-                rel, size = members[j]
-                if size < out.nbytes:
-                    raise self.fault(key, f"{MEMBERS[j]} holds {size} bytes, too few for {list(out.shape)}")
-                cuts.append((rel + size - out.nbytes, rel + size, j, out))
-                fill -= out.nbytes
-        cuts.sort(key=lambda c: c[0])
-        if own:
-            scratch = np.empty(fill, np.uint8)
+        if own or self._scratch.nbytes < length:
+            span = np.empty(length, np.uint8)
+            if not own:
+                self._scratch = span
         else:
-            if self._scratch.nbytes < fill:
-                self._scratch = np.empty(max(fill, 2 * self._scratch.nbytes), np.uint8)
-            scratch = self._scratch
-        views, at, heads = [], [], {}  # at: (span start, span stop, scratch offset) of each scratch piece
-        pos = used = 0
-        for start, stop, j, out in cuts:
-            rel = members[j][0]
-            if rel < pos or start < rel or stop > length:
+            span = self._scratch[:length]
+        self._read_span(e, [span])
+        if verify and (digest := checksum([span])) != e[CHECKSUM]:
+            raise self.fault(key, f"{mismatch(digest, e[CHECKSUM])}: its bytes changed since extraction")
+        ends = [0]
+        for rel, size in members:
+            if rel < ends[-1] or rel + size > length:
                 raise self.fault(key, "its index entry is inconsistent (members overlap or leave the span)")
-            if start > pos:
-                views.append(scratch[used : used + start - pos])
-                at.append((pos, start, used))
-                used += start - pos
-            heads[j] = scratch[used - (start - rel) : used]  # the .npy header, just before the data
-            views.append(out)
-            pos = stop
-        if pos < length:
-            views.append(scratch[used : used + length - pos])
-            at.append((pos, length, used))
-        self._read_span(e, views)
-        if verify and (crc := checksum(views, arrays=True)) != e["crc32c"]:
-            raise self.fault(key, f"checksum mismatch (crc32c {crc:08x}, the index says {e['crc32c']:08x}): "
-                                   "its bytes changed since extraction")  # fmt: skip
-
-        def piece(a: int, b: int) -> np.ndarray:  # span bytes [a, b), all in one scratch piece
-            for sa, sb, s0 in at:
-                if sa <= a and b <= sb:
-                    return scratch[s0 + a - sa : s0 + b - sa]
-            raise ValueError("the index's members overlap")
-
+            ends.append(rel + size)
         rel, size = members[0]
-        meta = json.loads(piece(rel, rel + size).tobytes().decode())
+        meta = json.loads(span[rel : rel + size].tobytes())
         if not isinstance(meta, dict) or meta.get("key") != key:
             found = meta.get("key") if isinstance(meta, dict) else meta
             raise self.fault(key, f"its metadata names key {found!r}: the index and the shard disagree")
@@ -299,29 +403,22 @@ class WdsReader(IndexedShard):
         if self.tokens is not None and e.get("regions") is not None:
             want = field_shapes(e["regions"], self.tokens, self.clip_shape)
         arrays = {}
-        for j in range(1, len(MEMBERS)):
-            name, (rel, size) = MEMBERS[j], members[j]
+        for name, (rel, size) in zip(MEMBERS[1:], members[1:], strict=True):
             try:
-                if j in heads:  # read into its destination
-                    shape, dtype = _HEADERS.get(raw := heads[j].tobytes()) or _parse_header(raw)
-                else:
-                    shape, dtype, header = npy_header(piece(rel, rel + size))
+                shape, dtype, header = npy_header(span[rel : rel + size])
             except ValueError as err:
                 raise self.fault(key, f"{name}: {err}") from None
             if dtype != STORED_DTYPES[name] or shape != (want[name] if want is not None else shape):
                 expected = f"{STORED_DTYPES[name]}{list(want[name]) if want is not None else ''}"
                 raise self.fault(key, f"{name} is {dtype}{list(shape)}, expected {expected}")
-            out = dest.get(name)
-            if out is not None and shape != out.shape:
-                raise self.fault(key, f"{name} is {list(shape)}, its destination {list(out.shape)}")
-            if j in heads:
-                arrays[name] = out
-                continue
             nbytes = math.prod(shape) * dtype.itemsize
             if size - header != nbytes:
                 raise self.fault(key, f"{name} has {size - header} data bytes, {list(shape)} needs {nbytes}")
-            array = piece(rel + header, rel + size).view(dtype).reshape(shape)
+            array = span[rel + header : rel + size].view(dtype).reshape(shape)
+            out = dest.get(name)
             if out is not None:
+                if shape != out.shape:
+                    raise self.fault(key, f"{name} is {list(shape)}, its destination {list(out.shape)}")
                 out[...] = array
                 arrays[name] = out
             else:
@@ -358,7 +455,7 @@ def scan_wds(path: Path, checksums: bool = False) -> tuple[dict | None, list[dic
     """(layout, entries): the per-sample index of a tar as its bytes say, from its member headers.
 
     Without `checksums` only the headers are read (entries have key, offset, length, members); with them
-    every sample's byte range is read once more for its crc32c, its region count and the layout.
+    every sample's byte range is read once more for its checksum, its region count and the layout.
     """
     path = Path(path)
     members: dict[str, dict[str, tuple[int, int]]] = {}  # key -> member -> (data offset, size)
@@ -401,6 +498,6 @@ def scan_wds(path: Path, checksums: bool = False) -> tuple[dict | None, list[dic
                     shapes[name] = npy_header(span[rel : rel + size])[0]
                 except ValueError as err:
                     raise reader.fault(e["key"], f"{name}: {err}") from None
-            e.update(regions=int(shapes["boxes"][0]), crc32c=checksum([span]))
+            e.update(regions=int(shapes["boxes"][0]), **{CHECKSUM: checksum([span])})
             layout = layout or make_layout((shapes["sam_tokens"][1], *shapes["clip_map"]))
     return layout, entries

@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.index import IndexedShard, checksum, make_layout
+from regionspot.shards.index import CHECKSUM, IndexedShard, checksum, make_layout, mismatch
 from regionspot.shards.location import Location
 from regionspot.shards.schema import (
     ARRAY_FIELDS,
@@ -78,8 +78,8 @@ class ZarrShardWriter:
         self.entries, rows = [], 0
         for sample in self.samples:  # the arrays as stored, still in memory: no second pass over the disk
             n = sample.num_regions
-            crc = checksum(np.ascontiguousarray(a) for a in sample.arrays().values())
-            self.entries.append({"key": sample.key, "regions": n, "crc32c": crc, "rows": [rows, rows + n]})
+            digest = checksum(np.ascontiguousarray(a) for a in sample.arrays().values())
+            self.entries.append({"key": sample.key, "regions": n, CHECKSUM: digest, "rows": [rows, rows + n]})
             rows += n
         self.samples = []
 
@@ -207,9 +207,8 @@ class ZarrReader(IndexedShard):
             if array.dtype != STORED_DTYPES[name] or (want is not None and array.shape != want[name]):
                 raise self.fault(key, f"{name} is {array.dtype}{list(array.shape)}, expected "
                                        f"{STORED_DTYPES[name]}{list(want[name]) if want else ''}")  # fmt: skip
-        if verify and (crc := checksum(arrays.values())) != e["crc32c"]:
-            raise self.fault(key, f"checksum mismatch (crc32c {crc:08x}, the index says {e['crc32c']:08x}): "
-                                   "its arrays changed since extraction")  # fmt: skip
+        if verify and (digest := checksum(arrays.values())) != e[CHECKSUM]:
+            raise self.fault(key, f"{mismatch(digest, e[CHECKSUM])}: its arrays changed since extraction")
         self.check_labels(key, arrays["labels"])
         for name, out in dest.items():
             out[...] = arrays[name]
@@ -239,7 +238,7 @@ def open_zarr(location: Location, name: str):
 
 def scan_zarr(path: Path, checksums: bool = False) -> tuple[dict | None, list[dict]]:
     """(layout, entries): the per-sample index of a zarr shard as its arrays say (keys, region rows and
-    counts); with `checksums`, every sample is decoded for its crc32c."""
+    counts); with `checksums`, every sample is decoded for its checksum."""
     path = Path(path)
     location = Location.parse(path.parent)
     group = open_zarr(location, path.name)
@@ -255,5 +254,5 @@ def scan_zarr(path: Path, checksums: bool = False) -> tuple[dict | None, list[di
     if checksums:
         reader = ZarrReader(location, path.name, layout, entries)
         for i, e in enumerate(entries):
-            e["crc32c"] = checksum(reader._arrays(i).values())
+            e[CHECKSUM] = checksum(reader._arrays(i).values())
     return layout, entries
