@@ -405,7 +405,7 @@ def eval_(
     head. Writes detections.json, metrics.json and config.yaml to --out and prints the AP table.
     """
     from regionspot.evaluate.runner import run_eval
-    from regionspot.predict.config import backbones_for_checkpoint
+    from regionspot.models.presets import backbones_for_checkpoint
 
     params = {**ctx.params, "storage_options": _storage_options(storage_options)}
     typed = ctx.get_parameter_source("backbones").name == "COMMANDLINE"

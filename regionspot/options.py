@@ -37,6 +37,15 @@ def option(
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+def storage_options_option(urls: str) -> Any:
+    """The `storage_options` field of a stage that reads or writes shard sets by URL (extract, eval,
+    train): one help, naming the flags (`urls`, e.g. "--out URL's") whose filesystem it configures."""
+    return option(
+        None, f"Options of the {urls} fsspec filesystem as JSON (endpoint_url, profile, ...); credentials "
+        "usually come from the protocol's own environment variables and files. Never printed."
+    )  # fmt: skip
+
+
 def field_metadata(config: Any, name: str) -> Mapping[str, Any]:
     """The help, min and flag of field `name` of a config class or instance."""
     for f in dataclasses.fields(config):

@@ -7,11 +7,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from regionspot.data.options import DatasetOptions
 from regionspot.devices import DEVICE_HELP, check_device_name
 from regionspot.errors import RegionSpotError
 from regionspot.evaluate.metrics import EVALUATORS
-from regionspot.models.options import BackboneOptions
-from regionspot.options import check_options, option
+from regionspot.extract.config import EXTRACT_GPUS
+from regionspot.models.options import BackboneOptions, checkpoint_option
+from regionspot.options import check_options, option, storage_options_option
 from regionspot.shards.location import Location, mask_options, path_or_url
 
 Method = Literal["regionspot", "clip-crop", "clip-mask"]
@@ -19,11 +21,8 @@ Evaluator = Literal[EVALUATORS]  # the choices as a type, from their one home
 
 
 @dataclass
-class EvalConfig(BackboneOptions):
-    checkpoint: Path | None = option(
-        None, "Checkpoint directory (runs/NAME/checkpoints/last), head.safetensors or an official RegionSpot "
-        ".pth (which takes the fingerprint of --backbones). Not used by the clip-crop / clip-mask baselines."
-    )  # fmt: skip
+class EvalConfig(BackboneOptions, DatasetOptions):
+    checkpoint: Path | None = checkpoint_option(" Not used by the clip-crop / clip-mask baselines.")
     proposals: str = option(
         "gt", "'gt' (the annotated boxes, score 1) or a detector's boxes: a COCO results JSON or the official dict."
     )
@@ -31,9 +30,6 @@ class EvalConfig(BackboneOptions):
         "lvis_val", "Dataset name (lvis_val, coco, toy_val, ...) or coco:ANN.json:IMAGES; its COCO/LVIS "
         "annotations are the ground truth."
     )  # fmt: skip
-    data_root: Path | None = option(
-        None, "Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/)."
-    )
     shards: Path | str | None = option(
         None, "Shard set to read, a directory or a URL (default: one under --shards-root made for this dataset, proposals and "
         "backbones, else one extracted there now and kept for the next checkpoint)."
@@ -42,10 +38,7 @@ class EvalConfig(BackboneOptions):
         None, "Where shard sets are found and made, a directory or a URL (default: $REGIONSPOT_SHARDS, else "
         "shards/)."
     )  # fmt: skip
-    storage_options: dict | None = option(
-        None, "Options of the --shards / --shards-root URL's fsspec filesystem as JSON (endpoint_url, "
-        "profile, ...). Never printed."
-    )  # fmt: skip
+    storage_options: dict | None = storage_options_option("--shards / --shards-root URL's")
     method: Method = option(
         "regionspot", "regionspot (the head), clip-crop (CLIP on each box crop) or clip-mask (the crop with the "
         "outside of SAM's mask painted CLIP's mean colour): the paper's CLIP baselines."
@@ -68,13 +61,7 @@ class EvalConfig(BackboneOptions):
     batch_size: int = option(16, "Images per head forward pass.", min=1)
     device: str = option("auto", DEVICE_HELP)
     workers: int = option(0, "Processes that read shards (0: read in the main process).", min=0)
-    allow_outside_root: bool = option(
-        False, "Read images whose file_name leaves the dataset's image folder (../, absolute paths); "
-        "otherwise they are skipped and listed."
-    )  # fmt: skip
-    gpus: int | None = option(
-        None, "Extraction on the spot: processes, one per GPU (default: all visible; 0: the CPU).", min=0
-    )
+    gpus: int | None = option(None, f"Extraction on the spot: {EXTRACT_GPUS}.", min=0)
     limit: int | None = option(
         None, "Evaluate the first N images only (by key); the ground truth is cut to them.", min=1
     )

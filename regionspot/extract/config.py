@@ -8,33 +8,30 @@ from pathlib import Path
 from typing import Literal
 
 from regionspot.data.images import SizeMismatch
+from regionspot.data.options import DatasetOptions
 from regionspot.errors import RegionSpotError
 from regionspot.models.options import BackboneOptions
-from regionspot.options import check_options, option
+from regionspot.options import check_options, option, storage_options_option
 from regionspot.shards.location import Location, mask_options, path_or_url
 from regionspot.shards.storage import STORAGES
 
 Storage = Literal[STORAGES]  # the choices as a type, from their one home
+# --gpus: extract's, and eval's for the shard set it extracts on the spot
+EXTRACT_GPUS = "processes, one per GPU of this machine (default: all visible; 0: the CPU)"
 
 
 @dataclass
-class ExtractConfig(BackboneOptions):
+class ExtractConfig(BackboneOptions, DatasetOptions):
     dataset: str = option(
         "toy",
         "Dataset name (o365, v3det, openimages, lvis_val, coco, toy, toy_val), coco:ANN.json:IMAGES or "
         "openimages:BOXES.csv:CLASSES.csv:IMAGES.",
     )
-    data_root: Path | None = option(
-        None, "Root of the named datasets (default: $REGIONSPOT_DATASETS, else datasets/)."
-    )
     out: Path | str | None = option(
         None, "Shard set directory or URL (s3://bucket/prefix, gs://..., file://...); default "
         "$REGIONSPOT_SHARDS/DATASET, else shards/DATASET; with proposals shards/DATASET-PROPOSALS."
     )  # fmt: skip
-    storage_options: dict | None = option(
-        None, "Options of the --out URL's fsspec filesystem as JSON (endpoint_url, profile, ...); credentials "
-        "usually come from the protocol's own environment variables and files. Never printed."
-    )  # fmt: skip
+    storage_options: dict | None = storage_options_option("--out URL's")
     masks: bool = option(False, "Also store SAM's mask per region (COCO RLE).")
     storage: Storage = option("wds", "Shard storage: wds (tar files) or zarr.")
     shard_size: int = option(1000, "Images per shard: the unit of resume and distribution.", min=1)
@@ -42,9 +39,7 @@ class ExtractConfig(BackboneOptions):
         None, "A detector's boxes instead of the annotations ('gt'): a COCO results JSON or the official "
         "RegionSpot dict."
     )  # fmt: skip
-    gpus: int | None = option(
-        None, "Extraction processes, one per GPU of this machine (default: all visible; 0: the CPU).", min=0
-    )
+    gpus: int | None = option(None, f"Extraction {EXTRACT_GPUS}.", min=0)
     workers: int | None = option(
         None, "With GPUs: image-decoding processes per GPU (default 8). On the CPU (--gpus 0): extraction "
         "processes (default 1).", min=0,
@@ -52,10 +47,6 @@ class ExtractConfig(BackboneOptions):
     batch_size: int | None = option(
         None, "Images per forward pass (default: 32 on a GPU, 8 on the CPU).", min=1
     )
-    allow_outside_root: bool = option(
-        False, "Read images whose file_name leaves the dataset's image folder (../, absolute paths); "
-        "otherwise they are skipped and listed."
-    )  # fmt: skip
     size_mismatch: SizeMismatch = option(
         "skip", "An image whose decoded size is not its annotation's width x height: skip (listed in the "
         "manifest) or rescale (resized to the annotated size, so the boxes keep their place)."

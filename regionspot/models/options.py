@@ -3,14 +3,14 @@
 
 `ExtractConfig`, `EvalConfig` and `PredictConfig` inherit `BackboneOptions`; the CLI builds these
 flags from its fields; `spec()` is the one way the stages resolve them (`presets.resolve_backbones`:
-files, tags and sizes checked, nothing loaded). This module stays light (no torch), so the CLI can
-read it to build its help.
+files, tags and sizes checked, nothing loaded). The head checkpoint that eval and predict take is
+`checkpoint_option`'s. This module stays light (no torch), so the CLI can read it to build its help.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
 from regionspot.options import option
 
@@ -25,6 +25,15 @@ SamAttention = Literal["sdpa", "library"]  # models/sam_attention.py SAM_ATTENTI
 # How the backbones run, not what they compute: recorded in the manifest's "runtime", outside the
 # fingerprint (models/presets.py load_backbones says why).
 RUNTIME = ("precision", "sam_attention", "compile")
+
+
+def checkpoint_option(note: str = "") -> Any:
+    """The `--checkpoint` of a stage that runs a trained head (eval, predict); `note` adds what holds
+    for that stage only."""
+    return option(
+        None, "Checkpoint directory (runs/NAME/checkpoints/last), head.safetensors or an official RegionSpot "
+        f".pth (which takes the fingerprint of --backbones).{note}"
+    )  # fmt: skip
 
 
 @dataclass

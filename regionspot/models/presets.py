@@ -2,12 +2,14 @@
 
 `resolve_backbones` checks every choice (names, sizes, token count, files, tags) before anything is
 loaded; `load_backbones` builds the frozen encoders and the fingerprint (DESIGN.md §4) that ties
-shards, checkpoints and predictions to the same weights.
+shards, checkpoints and predictions to the same weights; `backbones_for_checkpoint` is the preset a
+head checkpoint's fingerprint names, for a command given no --backbones.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -241,3 +243,48 @@ def load_backbones(
         sam_sha, clip_sha, spec.sam_tokens, spec.clip_size, clip_antialias=spec.clip_antialias
     )
     return Backbones(sam, clip, spec, fingerprint, sam_sha, clip_sha, sam_attention, compile)
+
+
+@lru_cache(maxsize=2)
+def _tiny_fingerprint(sam_tokens: int) -> str:
+    return load_backbones(resolve_backbones("tiny", sam_tokens=sam_tokens)).fingerprint
+
+
+def checkpoint_preset(checkpoint: Path | str) -> dict:
+    """The backbone options a checkpoint's backbones fingerprint names, where it names a preset.
+
+    Only the `tiny` preset's fingerprint is known without weights files; a real preset's depends on
+    the weights, and an official .pth carries none. Returns {"backbones": "tiny", "sam_tokens": 1 or 3},
+    or {} when the fingerprint names no preset (or the checkpoint cannot be read: loading it says why).
+    """
+    from regionspot.models.checkpoint import head_file_metadata, resolve_checkpoint
+
+    try:
+        file = resolve_checkpoint(checkpoint)
+        fingerprint = head_file_metadata(file).get("fingerprint") if file.suffix == ".safetensors" else None
+    except RegionSpotError:
+        return {}
+    for tokens in (1, 3):
+        if fingerprint and fingerprint == _tiny_fingerprint(tokens):
+            return {"backbones": "tiny", "sam_tokens": tokens}
+    return {}
+
+
+def backbones_for_checkpoint(backbones: str | None, checkpoint: Path | str | None) -> dict:
+    """The backbone options a command without --backbones takes from its checkpoint ({} for none).
+
+    Args:
+        backbones: the --backbones given, or None when it was not given.
+        checkpoint: the --checkpoint given (None: no checkpoint, nothing to take).
+    Raises:
+        RegionSpotError when --backbones names another preset than the checkpoint's fingerprint does.
+    """
+    if checkpoint is None or backbones == "tiny" or not Path(checkpoint).exists():
+        return {}
+    found = checkpoint_preset(checkpoint)
+    if found and backbones is not None:
+        raise RegionSpotError(
+            f"checkpoint {checkpoint} carries the backbones fingerprint of the {found['backbones']} preset, "
+            f"not of --backbones {backbones}; pass --backbones {found['backbones']} or leave --backbones out"
+        )
+    return found

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from regionspot.devices import DEVICE_HELP, resolve_device
 from regionspot.errors import RegionSpotError
-from regionspot.models.options import BackboneOptions, Preset
+from regionspot.models.options import BackboneOptions, Preset, checkpoint_option
 from regionspot.options import check_options, option
 from regionspot.predict.inputs import parse_boxes, parse_points, parse_vocab, read_vocab_file
 
@@ -26,53 +25,6 @@ AUTOMATIC_DEFAULTS = {
 def automatic_defaults(sam: str) -> dict:
     """SamAutomaticMaskGenerator options for a SAM variant (vit_b, ..., tiny) when none are given."""
     return {**AUTOMATIC_DEFAULTS["tiny" if sam == "tiny" else "sam"], "min_mask_region_area": 0}
-
-
-@lru_cache(maxsize=2)
-def _tiny_fingerprint(sam_tokens: int) -> str:
-    from regionspot.models.presets import load_backbones, resolve_backbones
-
-    return load_backbones(resolve_backbones("tiny", sam_tokens=sam_tokens)).fingerprint
-
-
-def checkpoint_preset(checkpoint: Path | str) -> dict:
-    """The backbone options a checkpoint's backbones fingerprint names, where it names a preset.
-
-    Only the `tiny` preset's fingerprint is known without weights files; a real preset's depends on
-    the weights, and an official .pth carries none. Returns {"backbones": "tiny", "sam_tokens": 1 or 3},
-    or {} when the fingerprint names no preset (or the checkpoint cannot be read: loading it says why).
-    """
-    from regionspot.models.checkpoint import head_file_metadata, resolve_checkpoint
-
-    try:
-        file = resolve_checkpoint(checkpoint)
-        fingerprint = head_file_metadata(file).get("fingerprint") if file.suffix == ".safetensors" else None
-    except RegionSpotError:
-        return {}
-    for tokens in (1, 3):
-        if fingerprint and fingerprint == _tiny_fingerprint(tokens):
-            return {"backbones": "tiny", "sam_tokens": tokens}
-    return {}
-
-
-def backbones_for_checkpoint(backbones: str | None, checkpoint: Path | str | None) -> dict:
-    """The backbone options a command without --backbones takes from its checkpoint ({} for none).
-
-    Args:
-        backbones: the --backbones given, or None when it was not given.
-        checkpoint: the --checkpoint given (None: no checkpoint, nothing to take).
-    Raises:
-        RegionSpotError when --backbones names another preset than the checkpoint's fingerprint does.
-    """
-    if checkpoint is None or backbones == "tiny" or not Path(checkpoint).exists():
-        return {}
-    found = checkpoint_preset(checkpoint)
-    if found and backbones is not None:
-        raise RegionSpotError(
-            f"checkpoint {checkpoint} carries the backbones fingerprint of the {found['backbones']} preset, "
-            f"not of --backbones {backbones}; pass --backbones {found['backbones']} or leave --backbones out"
-        )
-    return found
 
 
 @dataclass
@@ -99,10 +51,7 @@ class PredictConfig(BackboneOptions):
         None, 'The same clicks for every image: "x,y;x,y" (pixels), one region each. No boxes or points: '
         "SAM's automatic regions."
     )  # fmt: skip
-    checkpoint: Path | None = option(
-        None, "Checkpoint directory, head.safetensors or official RegionSpot .pth (which takes the "
-        "fingerprint of --backbones)."
-    )  # fmt: skip
+    checkpoint: Path | None = checkpoint_option()
     masks: bool = option(True, "SAM's masks: drawn in the PNG and stored (COCO RLE) in the JSON.")
     attention: bool = option(
         False, "Also write OUT/<stem>.regionspot.attention.png: each region's attention over the CLIP map."
@@ -164,6 +113,8 @@ class PredictConfig(BackboneOptions):
         problems += option_problems
         if not problems:  # no --backbones: the checkpoint's preset, if its fingerprint names one
             # (a --backbones the checkpoint contradicts is refused here: its own problems would mislead)
+            from regionspot.models.presets import backbones_for_checkpoint  # here: loads torch
+
             found = backbones_for_checkpoint(self.backbones, self.checkpoint)
             self.backbones = found.get("backbones", self.backbones or DEFAULT_PRESET)
             if self.sam_tokens is None and "sam_tokens" in found:

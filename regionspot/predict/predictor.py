@@ -23,7 +23,7 @@ import torch
 from regionspot.data.boxes import box_areas
 from regionspot.devices import resolve_device
 from regionspot.errors import RegionSpotError
-from regionspot.predict.config import DEFAULT_PRESET, automatic_defaults, backbones_for_checkpoint
+from regionspot.predict.config import DEFAULT_PRESET, automatic_defaults
 from regionspot.predict.inputs import check_boxes, check_image, check_points, check_vocabulary
 
 STORED_DTYPE = torch.float16  # what the shards hold (shards.schema.ARRAY_FIELDS); predict rounds the same way
@@ -117,7 +117,7 @@ class RegionPredictor:
     """SAM + CLIP + a trained `RegionSpotHead`, for naming regions of single images.
 
     Build it with `from_checkpoint`; then `set_vocabulary`, `set_image`, `predict`. For many images,
-    `encode_images` runs the backbones on a batch and `predict_features` names the regions of each.
+    `encode_images` runs the backbones on a batch and `predict(features=...)` names the regions of each.
     `automatic` holds SamAutomaticMaskGenerator options for prompt-less calls (points_per_side,
     pred_iou_thresh, stability_score_thresh, min_mask_region_area, ...; default `automatic_defaults`
     of the SAM variant).
@@ -159,7 +159,7 @@ class RegionPredictor:
         """
         from regionspot.models.checkpoint import head_fingerprint, load_head
         from regionspot.models.options import BackboneOptions
-        from regionspot.models.presets import load_backbones
+        from regionspot.models.presets import backbones_for_checkpoint, load_backbones
 
         if backbones is None or isinstance(backbones, str):
             found = backbones_for_checkpoint(backbones, checkpoint)
@@ -207,6 +207,7 @@ class RegionPredictor:
         self._features = self.encode_images([image])[0]
 
     # --- regions ----------------------------------------------------------------------------
+    @torch.inference_mode()
     def predict(
         self,
         boxes=None,
@@ -215,8 +216,10 @@ class RegionPredictor:
         masks: bool = True,
         embeddings: bool = False,
         attention: bool = False,
+        *,
+        features: ImageFeatures | None = None,
     ) -> list[Region]:
-        """Name the regions of the current image, in prompt order.
+        """Name the regions of the current image (or of `features`), in prompt order.
 
         Args:
             boxes: [N, 4] XYXY pixels of the image (clipped to it; an empty box is an error).
@@ -226,26 +229,12 @@ class RegionPredictor:
             topk: how many (label, probability) pairs each region lists (at most the vocabulary size).
             masks, embeddings, attention: also return SAM's mask (COCO RLE), the region embedding
                 [D] and the last-layer cross-attention over the CLIP map [L].
+            features: an image encoded by `encode_images` (default: the one `set_image` encoded).
         """
-        if self._features is None:
-            raise RegionSpotError("no image; call set_image(image) before predict()")
-        return self.predict_features(
-            self._features, boxes=boxes, points=points, topk=topk, masks=masks,
-            embeddings=embeddings, attention=attention,
-        )  # fmt: skip
-
-    @torch.inference_mode()
-    def predict_features(
-        self,
-        features: ImageFeatures,
-        boxes=None,
-        points=None,
-        topk: int = 5,
-        masks: bool = True,
-        embeddings: bool = False,
-        attention: bool = False,
-    ) -> list[Region]:
-        """`predict` for an image encoded by `encode_images`."""
+        if features is None:
+            if self._features is None:
+                raise RegionSpotError("no image; call set_image(image) before predict()")
+            features = self._features
         if self._text is None:
             raise RegionSpotError("no vocabulary; call set_vocabulary(['cat', 'dog', ...]) before predict()")
         if boxes is not None and points is not None:

@@ -15,7 +15,7 @@ one folder (img.jpg, img.png). The `.regionspot` in every suffix keeps outputs o
                             np.load(..., allow_pickle=False).
 
 Stream: paths (sorted) -> decode thread: a batch of uint8 images -> RegionPredictor.encode_images
-(SAM + CLIP once per image) -> predict_features per image -> files. At most two batches of images
+(SAM + CLIP once per image) -> predict(features=...) per image -> files. At most two batches of images
 are in memory at a time, however many files the inputs name.
 """
 
@@ -185,6 +185,9 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
     height, width = features.size
     record = {"image": str(path), "width": width, "height": height, "regions": []}
     proposal_scores = None
+    # the same outputs whatever the prompts
+    wanted = {"features": features, "topk": cfg.topk, "masks": cfg.masks, "embeddings": cfg.embeddings,
+              "attention": cfg.attention}  # fmt: skip
     if plan.points is not None:
         inside = (plan.points[:, 0] <= width) & (plan.points[:, 1] <= height)
         if not inside.all():
@@ -194,10 +197,7 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
             summary.warn(
                 console, f"{path}: {len(dropped)} point(s) outside the {width}x{height} image dropped"
             )
-        regions = predictor.predict_features(
-            features, points=plan.points[inside], topk=cfg.topk, masks=cfg.masks,
-            embeddings=cfg.embeddings, attention=cfg.attention,
-        ) if inside.any() else []  # fmt: skip
+        regions = predictor.predict(points=plan.points[inside], **wanted) if inside.any() else []
     else:
         boxes = None
         if plan.boxes is not None or plan.proposals is not None:
@@ -220,10 +220,7 @@ def _predict_one(plan: Plan, predictor, index: int, features, summary: Summary, 
                 proposal_scores = proposal_scores[keep]
                 best = best_n_in_order(proposal_scores, cfg.max_boxes)
                 boxes, proposal_scores = boxes[best], proposal_scores[best]
-        regions = predictor.predict_features(
-            features, boxes=boxes if boxes is not None else None, topk=cfg.topk, masks=cfg.masks,
-            embeddings=cfg.embeddings, attention=cfg.attention,
-        ) if boxes is None or len(boxes) else []  # fmt: skip
+        regions = predictor.predict(boxes=boxes, **wanted) if boxes is None or len(boxes) else []
     automatic = plan.points is None and plan.boxes is None and plan.proposals is None
     if automatic and not regions and summary.automatic_advice is None:  # once per run: it runs SAM again
         summary.automatic_advice = predictor.explain_no_regions(features)

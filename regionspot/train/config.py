@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from regionspot.errors import RegionSpotError
-from regionspot.options import check_options, flag_name, option
+from regionspot.options import check_options, flag_name, option, storage_options_option
 from regionspot.shards.location import Location, mask_options, path_or_url
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -26,10 +26,7 @@ class TrainConfig:
         default_factory=list, help="A shard set, or a folder of shard sets (one per dataset) to mix: a "
         "directory or a URL (s3://bucket/prefix, gs://..., https://..., file://...); repeatable."
     )  # fmt: skip
-    storage_options: dict | None = option(
-        None, "Options of the --shards URLs' fsspec filesystem as JSON (endpoint_url, profile, ...); "
-        "credentials usually come from the protocol's own environment variables and files. Never printed."
-    )  # fmt: skip
+    storage_options: dict | None = storage_options_option("--shards URLs'")
     out: Path = option(
         Path("runs/regionspot"), "Run folder: checkpoints/, tensorboard/, metrics.jsonl, config.yaml."
     )
