@@ -17,7 +17,6 @@ from regionspot.shards.index import read_index
 from regionspot.shards.location import Location
 from regionspot.shards.manifest import MANIFEST, read_manifest
 from regionspot.shards.schema import TEXT_DTYPE, Sample, record_name
-from regionspot.shards.staging import StagedShards
 from regionspot.shards.storage import ShardReader, open_reader
 
 # Fields that decide what the features are, named first; weights hashes and tags/paths follow, since
@@ -42,9 +41,8 @@ class ShardSet:
 
     Attributes: manifest (dict), location, path (the directory as a `Path`; for a URL the Location),
     vocabulary (list of {id, name, synonyms, frequency}), fingerprint, backbones (the manifest
-    section), logit_scale, num_images, num_regions, shard_names, shard_paths (local files the shard
-    readers open; for a URL each shard is fetched to a temporary file on first use, see
-    `staging.StagedShards`), shard_samples (images per shard, manifest order), tokens (T), storage.
+    section), logit_scale, num_images, num_regions, shard_names, shard_paths (the shards' files, for a
+    set on local disk), shard_samples (images per shard, manifest order), tokens (T), storage.
     Raises RegionSpotError when the manifest is missing, malformed, of format version 1 (no per-sample
     index: the message names `regionspot shards reindex`), or lists shards that are missing.
     """
@@ -78,11 +76,14 @@ class ShardSet:
                 f"{self.path}: {len(missing)} shard(s) listed in the manifest are missing (first: {missing[0]}); "
                 "re-run the extraction that wrote it"
             )
-        self.shard_paths: Sequence[Path] = (
-            [self.path / n for n in self.shard_names]
-            if self.location.is_local
-            else StagedShards(self.location, self.manifest["shards"])
-        )
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        """The shards' files, in manifest order (a set on local disk; a URL's shards are read through
+        `reader`, sample by sample)."""
+        if not self.location.is_local:
+            raise RegionSpotError(f"{self.location}: its shards are objects at a URL, not local files")
+        return [self.path / n for n in self.shard_names]
 
     @property
     def name(self) -> str:
@@ -159,7 +160,7 @@ class ShardSet:
     def iter_samples(self, shard_indices: Sequence[int] | None = None) -> Iterator[Sample]:
         """The samples of the given shards (default: all), in manifest order, each read and checked
         through the index (`reader`)."""
-        indices = range(len(self.shard_paths)) if shard_indices is None else shard_indices
+        indices = range(len(self.shard_names)) if shard_indices is None else shard_indices
         for i in indices:
             reader = self.reader(i)
             for k in range(len(reader)):

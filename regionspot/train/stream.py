@@ -61,7 +61,7 @@ class DatasetReader:
         self.shards, self.dataset, self.reader, self.readers = shards, dataset, reader, readers
         self.seed, self.buffer_size, self.shuffle_labels = seed, buffer, shuffle_labels
         self.max_regions = max_regions
-        self.num_shards = len(shards.shard_paths)
+        self.num_shards = len(shards.shard_names)
         self.rng = np.random.default_rng([seed, dataset, reader, 1])
         self.epoch, self.cursor = 0, 0  # position in this reader's shard list of the epoch
         self.shard: int | None = None  # the shard being read ...
