@@ -205,11 +205,12 @@ class SamRegionEncoder(FrozenEncoder):
         dec = self.sam.mask_decoder
         image_pe = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, h, w)
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)  # (5, 256)
-        image_index = torch.repeat_interleave(
-            torch.arange(len(counts), device=self.device), torch.tensor(counts, device=self.device)
-        )  # (N,) the image of each prompt
+        image_of = [i for i, count in enumerate(counts) for _ in range(count)]  # the image of each prompt
+        # built on the host and sent without waiting: a device-side repeat_interleave would read its
+        # length back, stalling the launch queue once per batch
+        image_index = torch.tensor(image_of).to(self.device, non_blocking=True)  # (N,)
         out_tokens, out_iou, out_masks = [], [], []
-        for start in range(0, len(image_index), chunk):
+        for start in range(0, len(image_of), chunk):
             index = image_index[start : start + chunk]
             n = len(index)
             src = embeddings[index] + dense[start : start + chunk]  # (n, 256, h, w)
@@ -222,7 +223,7 @@ class SamRegionEncoder(FrozenEncoder):
             out_iou.append(iou.float())
             if want_masks:
                 low = self._low_res_masks(src_out, src.shape, token, iou.float(), tokens)  # (n, 4h, 4w)
-                out_masks.extend(self._full_masks(low, index.tolist(), sizes))
+                out_masks.extend(self._full_masks(low, image_of[start : start + chunk], sizes))
         return torch.cat(out_tokens), torch.cat(out_iou), out_masks
 
     def _low_res_masks(self, src_out, shape, token, iou, tokens: int) -> torch.Tensor:
