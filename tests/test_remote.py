@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +107,13 @@ def test_extract_into_s3_writes_the_bytes_of_a_local_run(sets):
     assert ok.exit_code == 0 and f"ok: 2 shards, {VAL_IMAGES} images" in ok.output
 
 
-def test_a_killed_upload_leaves_no_record_and_the_same_command_finishes_the_set(sets, s3_module, toy_val):
+def test_a_killed_upload_leaves_no_record_and_the_same_command_finishes_the_set(
+    sets, s3_module, toy_val, tmp_path, monkeypatch
+):
     """The record upload of shard 1 fails past its retries (the run dies between a shard and its record);
-    the same command again redoes shard 1 only and writes the set of an uninterrupted run."""
+    the same command again redoes shard 1 only and writes the set of an uninterrupted run, removing the
+    scratch copy a killed process left of that shard (and no live process's copy)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     url = f"{s3_module.url}/sets/killed"
     s3_module.fail("killed/shard-000001.json", "503", times=None, method="PUT")
     with pytest.raises(RegionSpotError, match=r"killed/shard-000001.json: upload failed after \d+ tries"):
@@ -118,8 +123,16 @@ def test_a_killed_upload_leaves_no_record_and_the_same_command_finishes_the_set(
     assert "shard-000000.json" in names  # shard 0 was complete before the failure
     s3_module.server.faults.clear()
 
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f"regionspot.tmp-{int(dead.stdout)}-0000abcd-shard-000001"  # as Location.scratch_path names it
+    (killed / "shard-000001.tar").parent.mkdir()
+    (killed / "shard-000001.tar").write_bytes(b"half a shard")
+    live = tmp_path / f"regionspot.tmp-{os.getpid()}-0000abcd-shard-000001"
+    live.mkdir()
+
     puts = s3_module.requests("killed/shard-000000.tar", "PUT")
     assert _extract(toy_val, url) == url
+    assert not killed.exists() and live.exists()
     assert s3_module.requests("killed/shard-000000.tar", "PUT") == puts  # a complete shard is not redone
     assert s3_module.requests("killed/shard-000001.tar", "PUT") > 0
     assert _objects(url) == _objects(sets[1])

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from regionspot.errors import RegionSpotError
+from regionspot.shards.locks import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +332,20 @@ class Location:
             final.parent.mkdir(parents=True, exist_ok=True)
             return final.with_name(token)
         return Path(tempfile.gettempdir()) / f"regionspot{token}"
+
+    def remove_stale_scratch(self, name: str) -> list[Path]:
+        """Remove the scratch copies of `name` (`scratch_path`) that a killed process of this machine left
+        in the temporary directory; returns what was removed. A live process's copy is left alone."""
+        if self.is_local:
+            return []  # beside the set: its writer's own clean-up finds them
+        base = name.rsplit("/", 1)[-1]
+        removed = []
+        for path in Path(tempfile.gettempdir()).glob(f"regionspot.tmp-*-{base}"):
+            pid = path.name.split("-")[1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     def upload(self, local: Path | str, name: str) -> None:
         """Move the local file or directory `local` to `name`, replacing what is there: a rename

@@ -18,6 +18,18 @@ from pathlib import Path
 LOCK_GLOB = ".shard-*.lock"
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs (a file it names as its writer is then still
+    being written)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def lock_name(index: int) -> str:
     return f".shard-{index:06d}.lock"
 

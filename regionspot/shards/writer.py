@@ -199,6 +199,7 @@ class ShardSetWriter:
         `lock(index)`: the temporary files are then surely a dead writer's.
         """
         if not self.location.is_local:
+            self.location.remove_stale_scratch(f"shard-{index:06d}")  # a killed upload's
             return _UploadedShard(self.location, index, self.storage)
         for stale in self.path.glob(f".{shard_name(index, self.storage)}*"):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()

@@ -27,6 +27,7 @@ import yaml
 from regionspot.errors import RegionSpotError
 from regionspot.models.checkpoint import read_last, save_head, write_last
 from regionspot.models.head import RegionSpotHead
+from regionspot.shards.locks import process_alive
 
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
@@ -118,16 +119,6 @@ def _no_space(e: Exception) -> bool:
 _TMP = re.compile(r"\.tmp-(\d+)$")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def remove_stale_tmp(run: Path, also: int | None = None) -> list[Path]:
     """Remove the `.NAME.tmp-PID` files in a run folder whose process is gone (a killed save), and
     those of process `also` (this one, after a failed save); returns what was removed.
@@ -141,7 +132,7 @@ def remove_stale_tmp(run: Path, also: int | None = None) -> list[Path]:
     for folder in [run, run / "checkpoints", *steps]:
         for path in folder.glob(".*.tmp-*"):
             match = _TMP.search(path.name)
-            if match and (int(match[1]) == also or not _alive(int(match[1]))):
+            if match and (int(match[1]) == also or not process_alive(int(match[1]))):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     for folder in steps:
