@@ -285,7 +285,7 @@ def _verify_shardset(directory, prefix: str) -> int:
     return 0
 
 
-@shards_app.command("reindex")
+@shards_app.command("reindex", cls=_Command)
 def shards_reindex(
     directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
 ) -> None:

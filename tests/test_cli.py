@@ -21,8 +21,16 @@ from regionspot.predict.config import PredictConfig
 from regionspot.quickstart import QuickstartConfig
 from regionspot.train.config import TrainConfig, resolve_config
 
-COMMANDS = [[], ["extract"], ["train"], ["convert-official"], ["eval"], ["predict"], ["quickstart"],
-            ["shards"], ["shards", "info"], ["shards", "verify"]]  # fmt: skip
+
+def _commands(group, path=()) -> list[list[str]]:
+    """Every command and group of the CLI, found by walking it (a new command is covered as it comes)."""
+    found = [list(path)]
+    for name, command in getattr(group, "commands", {}).items():
+        found += _commands(command, (*path, name))
+    return found
+
+
+COMMANDS = _commands(typer.main.get_command(app))
 
 
 def _invoke(args: list[str]):
