@@ -44,7 +44,14 @@ class _VariadicArgument(TyperArgument):
 
 class _PlainLabels:
     """typer labels every parameter with its Python type; where that says nothing it is left out: a flag
-    takes no value (no <bool>), a variadic argument is named by its metavar (no <list[str]>)."""
+    takes no value (no <bool>), a variadic argument is named by its metavar (no <list[str]>). A
+    docstring's paragraphs are rewrapped to the terminal (typer keeps the source's line breaks, so an
+    80-column terminal showed every long source line broken in two)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.help:
+            self.help = "\n\n".join(" ".join(p.split()) for p in self.help.split("\n\n"))
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
@@ -289,10 +296,10 @@ def _verify_shardset(directory, prefix: str) -> int:
 def shards_reindex(
     directory: Annotated[Path, typer.Argument(help="A shard set directory (holds manifest.json).", metavar="DIR", show_default=False)],
 ) -> None:
-    """Write the current per-sample index into a shard set's records, in place (format version 1 or 2 -> 3).
+    """Bring a shard set of format version 1 or 2 to version 3: its per-sample index, in place.
 
-    Training and evaluation read a sample in one read through the index and check it. Each shard is first
-    checked against the manifest's sha256: a damaged shard is refused, never indexed.
+    Training and evaluation read each sample in one read through the index, and check it. Every shard is
+    first checked against the manifest's sha256: a damaged shard is refused, never indexed.
     """
     from regionspot.shards.reindex import reindex_shardset
 

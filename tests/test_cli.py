@@ -47,6 +47,18 @@ def test_help_of_every_command_labels_values_plainly(command):
     assert not re.search(r"\{[A-Za-z_.]+\}", long.output)  # no {images} / {DIR} in the usage line
 
 
+@pytest.mark.parametrize("command", [["shards", "verify"], ["train"], ["predict"]], ids=" ".join)
+def test_help_paragraphs_wrap_to_the_terminal_not_to_the_source(command):
+    """On a wide terminal a docstring paragraph is one line, however the source broke it."""
+    doc = typer.main.get_command(app)
+    for name in command:
+        doc = doc.commands[name]
+    output = CliRunner().invoke(app, [*command, "-h"], env={"COLUMNS": "500"}).output
+    lines = [line.strip() for line in output.splitlines()]
+    for paragraph in doc.callback.__doc__.split("\n\n"):
+        assert " ".join(paragraph.split()) in lines
+
+
 def test_version():
     result = _invoke(["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"regionspot {__version__}"
