@@ -82,9 +82,9 @@ def write_shard(storage: str, path: Path, samples: list[Sample]) -> Path:
     return path
 
 
-def identity(storage: str, clip_model: str = "ViT-B-16", fingerprint: str = "f" * 64, limit=None) -> dict:
+def identity(storage: str, clip_model: str = "ViT-B-16", fingerprint: str = "f" * 64, limit=None, tokens: int = 1) -> dict:
     backbones = {
-        "sam": {"model": "vit_b", "tokens": 1},
+        "sam": {"model": "vit_b", "tokens": tokens},
         "clip": {"model": clip_model, "image_size": 224, "width": C, "embed_dim": 4, "logit_scale": 100.0},
         "fingerprint": fingerprint,
     }
@@ -965,6 +965,21 @@ def test_index_round_trip(tmp_path, storage, scatter):
     np.testing.assert_array_equal(batch.boxes[0].numpy(), kept.boxes[rows])
     np.testing.assert_array_equal(sample.boxes, kept.boxes[rows])
     assert sample.masks == [kept.masks[0], kept.masks[2]]
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_every_sample_regionspot_writes_is_read_by_its_plan(tmp_path, monkeypatch, tokens):
+    """Reads into a batch never need the general read for shards this version writes (zero regions, masks
+    and three tokens included): the plan's headers are np.save's."""
+    samples = make_samples(t=tokens)
+    out = build_set(tmp_path / "set", "wds", [samples], tokens=tokens)
+    monkeypatch.setattr("regionspot.shards.wds.WdsReader._decode", lambda *a, **k: pytest.fail("general read"))
+    batch, read = assemble([SampleRef(ShardSet(out).reader(0), k) for k in range(len(samples))])
+    want = collate(samples)
+    for name in ("sam_tokens", "sam_iou", "clip_map", "region_mask", "labels", "boxes", "scores"):
+        assert torch.equal(getattr(batch, name), getattr(want, name)), name
+    for a, b in zip(samples, read, strict=True):
+        assert_same(a, b)
 
 
 def test_reads_stop_at_each_fault_naming_shard_and_sample(tmp_path, scatter):

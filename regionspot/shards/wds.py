@@ -222,9 +222,7 @@ class _Plan:
     headers: tuple[slice, ...]  # the .npy headers in the scratch ...
     expected: bytes  # ... and their bytes as written
     shapes: dict[str, tuple[int, ...]]  # every array's shape
-    scratched: tuple[
-        tuple[str, slice], ...
-    ]  # (name, its data in the scratch) of arrays without a destination
+    scratched: tuple[tuple[str, slice], ...]  # (name, its data in the scratch) of the other arrays
 
     @staticmethod
     def make(e: dict, shapes: dict[str, tuple[int, ...]], into: tuple[str, ...]) -> _Plan | None:
