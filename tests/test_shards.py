@@ -479,6 +479,9 @@ def test_shardset_info(tmp_path):
         18,
     )
     assert info["vocabulary"] == 3 and info["sam"] == "vit_b (tokens 1)" and info["clip"] == "ViT-B-16 @224"
+    assert info["format version"] == str(SCHEMA_VERSION)
+    write_json_atomic(out / MANIFEST, {**read_manifest(out), "version": 2})  # an older set is described too
+    assert shardset_info(out)["format version"] == f"2 (older; run 'regionspot shards reindex {out}')"
 
 
 def test_cli_info_and_verify(tmp_path):

@@ -15,7 +15,7 @@ from regionspot.shards.identity import IDENTITY
 from regionspot.shards.index import ShardFault, index_differences, read_index
 from regionspot.shards.location import Location
 from regionspot.shards.manifest import MANIFEST, read_manifest
-from regionspot.shards.schema import TEXT_DTYPE
+from regionspot.shards.schema import REINDEXABLE, SCHEMA_VERSION, TEXT_DTYPE
 from regionspot.shards.staging import fetch
 from regionspot.shards.storage import SUFFIXES, open_reader, scan_index, shard_checksum
 
@@ -200,14 +200,18 @@ def _check_text(where: Location, name: str, vocabulary: int, manifest: dict) -> 
 
 
 def shardset_info(path: Path | str | Location) -> dict:
-    """What `regionspot shards info` prints: dataset, storage, counts, size, vocabulary, backbones, run."""
+    """What `regionspot shards info` prints: format version, dataset, storage, counts, size, vocabulary,
+    backbones, run. A set of an older format is described too, with the command that updates it."""
     where = Location.parse(path)
-    manifest = read_manifest(where)
+    manifest = read_manifest(where, versions=(*REINDEXABLE, SCHEMA_VERSION))
+    version = str(manifest["version"])
     images = manifest["dataset"]["images"]
     nbytes = sum(s["bytes"] for s in manifest["shards"])
     sam, clip = manifest["backbones"]["sam"], manifest["backbones"]["clip"]
     return {
         "path": str(where),
+        "format version": version if version == str(SCHEMA_VERSION)
+        else f"{version} (older; run 'regionspot shards reindex {where}')",
         "dataset": manifest["dataset"]["name"],
         "storage": manifest["storage"],
         "proposals": manifest["proposals"].get("source"),
