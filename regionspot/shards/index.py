@@ -104,7 +104,7 @@ def hasher() -> xxhash.xxh3_64:
 def checksum(buffers: Iterable) -> int:
     """The checksum of the buffers' bytes, in order; numpy arrays (C-contiguous), bytes and memoryviews are
     read in place, without a copy."""
-    h = xxhash.xxh3_64()
+    h = hasher()
     for b in buffers:
         h.update(b)
     return h.intdigest()

@@ -247,7 +247,8 @@ class _Plan:
         if members[0][0] + members[0][1] > members[1][0]:  # the metadata must precede the arrays
             return None
         for name, (rel, size) in zip(MEMBERS[1:], members[1:], strict=True):
-            header, dtype = _written_header(shapes[name], STORED_DTYPES[name]), STORED_DTYPES[name]
+            dtype = STORED_DTYPES[name]
+            header = _written_header(shapes[name], dtype)
             if (
                 rel < pos
                 or rel + size > e["length"]
@@ -346,26 +347,15 @@ class WdsReader(IndexedShard):
         views = [scratch[p] if isinstance(p, slice) else dest[p] for p in plan.pieces]
         self._read_span(e, views)
         if verify:
-            h = hasher()
-            for v in views:
-                h.update(v)
-            if (digest := h.intdigest()) != e[CHECKSUM]:
-                raise self.fault(key, f"{mismatch(digest, e[CHECKSUM])}: its bytes changed since extraction")
+            self._verify(e, views)
         at = memoryview(scratch)
         if b"".join([at[h] for h in plan.headers]) != plan.expected:
             return None
-        meta = json.loads(scratch[rel : rel + size].tobytes().decode())  # the first scratch piece starts the span
-        if not isinstance(meta, dict) or meta.get("key") != key:
-            found = meta.get("key") if isinstance(meta, dict) else meta
-            raise self.fault(key, f"its metadata names key {found!r}: the index and the shard disagree")
+        meta = self._meta(key, scratch[rel : rel + size])  # the first scratch piece starts the span
         arrays = dict(dest)
         for name, data in plan.scratched:
             arrays[name] = scratch[data].view(STORED_DTYPES[name]).reshape(plan.shapes[name]).copy()
-        self.check_labels(key, arrays["labels"])
-        try:
-            return Sample(**{n: meta[n] for n in META_FIELDS}, **arrays, masks=meta.get("masks"))
-        except KeyError as err:
-            raise self.fault(key, f"its metadata lacks {err}") from None
+        return self._sample(key, meta, arrays)
 
     def _read(self, i: int, dest: dict[str, np.ndarray], verify: bool, own: bool) -> Sample:
         e = self.entries[i]
@@ -385,18 +375,15 @@ class WdsReader(IndexedShard):
         else:
             span = self._scratch[:length]
         self._read_span(e, [span])
-        if verify and (digest := checksum([span])) != e[CHECKSUM]:
-            raise self.fault(key, f"{mismatch(digest, e[CHECKSUM])}: its bytes changed since extraction")
+        if verify:
+            self._verify(e, [span])
         ends = [0]
         for rel, size in members:
             if rel < ends[-1] or rel + size > length:
                 raise self.fault(key, "its index entry is inconsistent (members overlap or leave the span)")
             ends.append(rel + size)
         rel, size = members[0]
-        meta = json.loads(span[rel : rel + size].tobytes())
-        if not isinstance(meta, dict) or meta.get("key") != key:
-            found = meta.get("key") if isinstance(meta, dict) else meta
-            raise self.fault(key, f"its metadata names key {found!r}: the index and the shard disagree")
+        meta = self._meta(key, span[rel : rel + size])
         want = None
         if self.tokens is not None and e.get("regions") is not None:
             want = field_shapes(e["regions"], self.tokens, self.clip_shape)
@@ -421,14 +408,31 @@ class WdsReader(IndexedShard):
                 arrays[name] = out
             else:
                 arrays[name] = array if own else array.copy()
-        self.check_labels(key, arrays["labels"])
-        try:
-            sample = Sample(**{n: meta[n] for n in META_FIELDS}, **arrays, masks=meta.get("masks"))
-        except KeyError as err:
-            raise self.fault(key, f"its metadata lacks {err}") from None
+        sample = self._sample(key, meta, arrays)
         if want is None and (problems := sample.problems()):
             raise self.fault(key, "; ".join(problems))
         return sample
+
+    def _verify(self, e: dict, views: list[np.ndarray]) -> None:
+        """Refuse a span (`views`, in order) whose checksum is not the index's."""
+        if (digest := checksum(views)) != e[CHECKSUM]:
+            raise self.fault(e["key"], f"{mismatch(digest, e[CHECKSUM])}: its bytes changed since extraction")
+
+    def _meta(self, key: str, raw: np.ndarray) -> dict:
+        """The sample's `<key>.json` from its bytes, refused unless it names `key`."""
+        meta = json.loads(raw.tobytes())
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            found = meta.get("key") if isinstance(meta, dict) else meta
+            raise self.fault(key, f"its metadata names key {found!r}: the index and the shard disagree")
+        return meta
+
+    def _sample(self, key: str, meta: dict, arrays: dict[str, np.ndarray]) -> Sample:
+        """The `Sample` of checked metadata and arrays, its labels refused outside the vocabulary."""
+        self.check_labels(key, arrays["labels"])
+        try:
+            return Sample(**{n: meta[n] for n in META_FIELDS}, **arrays, masks=meta.get("masks"))
+        except KeyError as err:
+            raise self.fault(key, f"its metadata lacks {err}") from None
 
     def _read_span(self, e: dict, views: list[np.ndarray]) -> None:
         """The entry's byte range into `views`, in order: one `preadv` locally, one ranged GET remotely."""
