@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from regionspot.cli import app
 from regionspot.errors import RegionSpotError
+from regionspot.shards import loader
 from regionspot.shards.identity import IDENTITY, Wanted, mismatch, read_identity, run_identity
 from regionspot.shards.index import ShardFault
 from regionspot.shards.loader import (
@@ -357,7 +358,17 @@ def test_check_fingerprint_names_field(tmp_path):
 # --- loader -----------------------------------------------------------------------------------------
 
 
-def test_collate_padding():
+def test_collate_padding(monkeypatch):
+    """Padding is written, not assumed: the batch's memory starts as garbage."""
+    allocate = loader._allocate
+
+    def dirty(*args, **kwargs):
+        tensors = allocate(*args, **kwargs)
+        for t in tensors.values():
+            t.fill_(True if t.dtype == torch.bool else 7)
+        return tensors
+
+    monkeypatch.setattr(loader, "_allocate", dirty)
     samples = make_samples(counts=(2, 0, 3), t=3)
     b = collate(samples)
     assert len(b) == 3 and b.keys == ["0000", "0001", "0002"]

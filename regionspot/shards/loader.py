@@ -27,6 +27,7 @@ from regionspot.shards.storage import ShardReader, read_shard
 TORCH_FEATURE_DTYPE: torch.dtype = getattr(torch, FEATURE_DTYPE.name)  # the stored features, in torch
 _PADDED = ("boxes", "scores", "sam_tokens", "sam_iou")  # region arrays copied as stored; labels widen to int64
 _ALIGN = 64  # byte alignment of each field inside a batch's one allocation
+_TORCH_DTYPES = {name: getattr(torch, dtype.name) for name, dtype in STORED_DTYPES.items()}
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _allocate(b: int, n: int, t: int, clip_shape: tuple[int, int], pin: bool = F
     shared memory in a DataLoader worker (it reaches the main process without a copy, as torch's own
     collate does it), pinned memory with `pin` (asynchronous copies to the GPU; torch's caching host
     allocator reuses the blocks once their copies are done), else ordinary memory."""
-    torch_dtype = {name: getattr(torch, dtype.name) for name, dtype in STORED_DTYPES.items()}
+    torch_dtype = _TORCH_DTYPES
     specs = {
         "sam_tokens": ((b, n, t, SAM_DIM), torch_dtype["sam_tokens"]),
         "sam_iou": ((b, n, t), torch_dtype["sam_iou"]),
@@ -116,13 +117,12 @@ def _allocate(b: int, n: int, t: int, clip_shape: tuple[int, int], pin: bool = F
 
 def _pad(arrays: dict[str, np.ndarray], counts: Sequence[int]) -> None:
     """Mark each row's first counts[i] regions real and zero the padding after them (label -1)."""
-    n = arrays["region_mask"].shape[1]
-    arrays["region_mask"][...] = np.arange(n) < np.asarray(counts, np.int64)[:, None]  # (B, N)
-    for i, k in enumerate(counts):
-        if k < n:
-            for name in _PADDED:
-                arrays[name][i, k:] = 0
-            arrays["labels"][i, k:] = -1
+    real = arrays["region_mask"]
+    real[...] = np.arange(real.shape[1]) < np.asarray(counts, np.int64)[:, None]  # (B, N)
+    padding = ~real
+    for name in _PADDED:
+        arrays[name][padding] = 0
+    arrays["labels"][padding] = -1
 
 
 def _batch(samples: Sequence[Sample], tensors: dict[str, torch.Tensor]) -> Batch:
