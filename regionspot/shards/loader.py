@@ -87,13 +87,12 @@ def _allocate(b: int, n: int, t: int, clip_shape: tuple[int, int], pin: bool = F
     shared memory in a DataLoader worker (it reaches the main process without a copy, as torch's own
     collate does it), pinned memory with `pin` (asynchronous copies to the GPU; torch's caching host
     allocator reuses the blocks once their copies are done), else ordinary memory."""
-    torch_dtype = _TORCH_DTYPES
     specs = {
-        "sam_tokens": ((b, n, t, SAM_DIM), torch_dtype["sam_tokens"]),
-        "sam_iou": ((b, n, t), torch_dtype["sam_iou"]),
-        "clip_map": ((b, *clip_shape), torch_dtype["clip_map"]),
-        "boxes": ((b, n, 4), torch_dtype["boxes"]),
-        "scores": ((b, n), torch_dtype["scores"]),
+        "sam_tokens": ((b, n, t, SAM_DIM), _TORCH_DTYPES["sam_tokens"]),
+        "sam_iou": ((b, n, t), _TORCH_DTYPES["sam_iou"]),
+        "clip_map": ((b, *clip_shape), _TORCH_DTYPES["clip_map"]),
+        "boxes": ((b, n, 4), _TORCH_DTYPES["boxes"]),
+        "scores": ((b, n), _TORCH_DTYPES["scores"]),
         "labels": ((b, n), torch.int64),
         "region_mask": ((b, n), torch.bool),
     }
