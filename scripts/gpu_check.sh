@@ -66,6 +66,7 @@ rows.append(("worker cpu ms/img (goal <= 2)", grep("data_path", r"worker cpu ms/
 rows.append(("jpeg decode alone ms/img", grep("data_path", r"jpeg decode alone ms/img: ([\d.]+)")))
 rows.append(("train bl: stream samples/s per core", grep("train", r"stream samples/s per core: ([\d.]+)")))
 rows.append(("train bl: raw read samples/s", grep("train", r"raw read samples/s: ([\d.]+)")))
+rows.append(("train bl: read + checksum alone samples/s per core", grep("train", r"read \+ checksum alone samples/s per core: ([\d.]+)")))
 rows.append(("train bl: streaming / I/O-or-compute bound (goal >= 0.9)", grep("train", r"streaming / min\(a cold, b\) = ([\d.]+)")))
 e = log / "eval.json"
 rows.append(("eval (5% of LVIS val scale)", e.read_text().strip().replace("\n", " ")[:200] if e.exists() else "see eval.log"))
