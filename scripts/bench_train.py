@@ -23,6 +23,7 @@ skew them, and the best of a few alternating rounds):
     and the stream again without the checksums (`--no-verify-reads`), and the reads and checksums alone:
     each sample's bytes in one `preadv` into a row of a reused batch, then XXH3, and nothing else (no
     Python per sample beyond the loop): the most a verified stream could reach on this CPU.
+    stream with one worker, CPU per sample: what a DataLoader worker and the main process spend together.
 Peak memory per step: one training step of the head on 16 images of 300 regions at the --size widths,
 above what the process held before it (CUDA: device memory; CPU: resident memory, Linux).
 
@@ -34,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -179,6 +182,29 @@ def per_core(shards: ShardSet, batch_size: int, rounds: int = 3, steps: int = 24
                               ("unverified", lambda: streamed(False)), ("floor", lambda: rate(floor))):  # fmt: skip
             best[name] = max(best[name], measure())
     return best
+
+
+def with_a_worker(shards: ShardSet, batch_size: int, steps: int = 100) -> tuple[float, float]:
+    """(worker, main process) CPU microseconds per sample of TrainStream with one DataLoader worker (no
+    model): the worker reads and assembles, the main process receives each batch and copies it out. Two
+    runs of different lengths, so that starting and stopping the worker cancel out; a worker's CPU is
+    counted once it has exited."""
+
+    def run(n: int) -> tuple[float, float]:
+        main0, child0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        stream = TrainStream([shards], batch_size, workers=1, seed=0, buffer=64)
+        for _ in range(n):
+            next(stream)
+        stream.close()
+        del stream
+        gc.collect()  # the DataLoader's iterator joins its worker when it goes
+        main1, child1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        used = lambda a, b: b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime  # noqa: E731
+        return used(child0, child1), used(main0, main1)
+
+    short, long = run(10), run(10 + steps)
+    samples = steps * batch_size
+    return tuple(1e6 * (b - a) / samples for a, b in zip(short, long, strict=True))
 
 
 def _resident_mib(field: str) -> float:
@@ -449,6 +475,9 @@ def main() -> None:
               f"({rates['unverified'] / raw:.2f} of the raw read)")  # fmt: skip
         print(f"read + checksum alone samples/s per core: {rates['floor']:.0f} ({rates['floor'] / raw:.2f} of the "
               "raw read: a verified stream's ceiling)")  # fmt: skip
+        worker, main = with_a_worker(shards, bs)
+        print(f"stream with one worker, CPU per sample: {worker + main:.0f} us (worker {worker:.0f}, main process "
+              f"{main:.0f}: receiving and copying out)")  # fmt: skip
     peak = peak_step_memory(size, args.classes, device)
     shown = "not measured on this system" if peak is None else f"{peak:.0f} MiB"
     print(f"peak memory per step (16 images x 300 regions, {args.size}): {shown}")

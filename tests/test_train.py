@@ -20,7 +20,8 @@ from regionspot.cli import app
 from regionspot.errors import RegionSpotError
 from regionspot.models.checkpoint import load_head, save_head
 from regionspot.models.head import RegionSpotHead
-from regionspot.shards.loader import collate
+from regionspot.shards import loader
+from regionspot.shards.loader import SampleRef, WorkerMemory, assemble, collate
 from regionspot.shards.shardset import ShardSet
 from regionspot.train.config import TrainConfig, load_recipe, resolve_config
 from regionspot.train.loss import region_focal_loss
@@ -192,6 +193,56 @@ def test_the_stream_continues_exactly_from_its_position(small_set, tmp_path, wor
         s.close()
     with pytest.raises(RegionSpotError, match="same --gpus and --workers"):
         TrainStream(sets, 3, workers=workers + 3, seed=3, position=position)
+
+
+def _same_batches(a, b):
+    assert a.keys == b.keys and a.image_ids == b.image_ids and a.sizes == b.sizes
+    for name in ("sam_tokens", "sam_iou", "clip_map", "region_mask", "labels", "boxes", "scores"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_workers_reuse_their_batch_memory_and_batches_stay_intact(tmp_path, world, text):
+    """A worker writes its batches into a few reused buffers; batches the trainer still holds are copies,
+    so holding more of them than there are buffers changes nothing: one worker gives exactly the batches
+    of the in-process stream (both are one reader), batches of several sizes included."""
+    samples = world.samples(16, 2, regions=2) + world.samples(16, 3, regions=7, key_prefix="b")
+    sets = [ShardSet(write_shardset(tmp_path / "set", samples, text, shard_size=8))]
+    here = TrainStream(sets, 4, workers=0, seed=1, buffer=1)  # batches of one shard: of 2 or of 7 regions
+    worker = TrainStream(sets, 4, workers=1, seed=1, buffer=1, prefetch=1)  # 3 buffers
+    held = [next(worker) for _ in range(12)]
+    for (d, batch), (d2, want) in zip(held, (next(here) for _ in range(12)), strict=True):
+        assert d == d2
+        _same_batches(batch, want)
+    assert len({b.region_mask.shape[1] for _, b in held}) > 1  # batches of several sizes passed through
+    for s in (here, worker):
+        s.close()
+
+
+def test_a_shared_batch_is_received_once_then_found_by_its_buffer(small_set, monkeypatch):
+    """The pin thread's path without a GPU: a worker's buffer crosses to the main process with its first
+    batch only; later batches in it name it, and their pinned copies are what the worker wrote."""
+    flat = loader._flat  # pinning needs CUDA; the copy is what matters here
+    monkeypatch.setattr(loader, "_flat", lambda nbytes, pin=False, memory=None: flat(nbytes, False, memory))
+    ss = ShardSet(small_set)
+    memory = WorkerMemory(1, 1, torch.multiprocessing.get_context())
+    memory.worker = 0
+    refs = [SampleRef(ss.reader(0), k) for k in range(len(ss.reader(0)))]
+    first, _ = assemble(refs[:3], memory=memory)
+    shared = memory.hand_over(first)
+    assert shared.flat is not None
+    pinned = shared.pin_memory()
+    assert pinned.flat is None  # the pinned copy no longer holds the buffer
+    _same_batches(memory.receive(pinned), assemble(refs[:3])[0])
+    second, _ = assemble(refs[3:5], memory=memory)  # the same buffer again (depth 1)
+    shared = memory.hand_over(second)
+    assert shared.flat is None
+    _same_batches(memory.receive(shared.pin_memory()), assemble(refs[3:5])[0])
+    more = [SampleRef(ss.reader(1), k) for k in range(len(ss.reader(1)))]
+    third, _ = assemble(refs + more, memory=memory)  # more than the buffer holds: it grows, and crosses again
+    shared = memory.hand_over(third)
+    assert shared.flat is not None
+    _same_batches(memory.receive(shared), assemble(refs + more)[0])
+    memory.close()
 
 
 # --- the trainer ---------------------------------------------------------------------------------------

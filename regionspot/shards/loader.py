@@ -4,9 +4,13 @@ A batch pads each image's regions to the batch's largest count and marks real re
 `region_mask`; padded rows are zeros with label -1 (no repeated boxes).
 
 Batches are assembled where they are used: `assemble` knows every sample's region count from the
-per-sample index before reading, allocates the batch once (shared memory in a DataLoader worker, pinned
-memory for a GPU) and reads each sample's array data straight into its rows, so a sample's bytes are
-copied once, from the page cache to the batch, and checked on the way (shards/index.py).
+per-sample index before reading, allocates the batch once (pinned memory for a GPU) and reads each
+sample's array data straight into its rows, so a sample's bytes are copied once, from the page cache to
+the batch, and checked on the way (shards/index.py).
+
+A DataLoader worker assembles into one of a few shared buffers it reuses (`WorkerMemory`) rather than
+into fresh shared memory per batch; the main process copies each batch out in one pass (into pinned
+memory in the DataLoader's pin thread, for the GPU) and gives the buffer back.
 """
 
 from __future__ import annotations
@@ -82,11 +86,14 @@ def read_shard_samples(path: Path | str, start: int = 0, stop: int | None = None
     return read_shard(Path(path), start, stop)
 
 
-def _allocate(b: int, n: int, t: int, clip_shape: tuple[int, int], pin: bool = False) -> dict[str, torch.Tensor]:
-    """The uninitialised tensors of a batch of B images padded to N regions, carved from one allocation:
-    shared memory in a DataLoader worker (it reaches the main process without a copy, as torch's own
-    collate does it), pinned memory with `pin` (asynchronous copies to the GPU; torch's caching host
-    allocator reuses the blocks once their copies are done), else ordinary memory."""
+def _shared(nbytes: int) -> torch.Tensor:
+    """`nbytes` of shared memory, as a flat uint8 tensor (it crosses processes without a copy)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+
+
+def _layout(b: int, n: int, t: int, clip_shape: tuple[int, int]) -> tuple[dict[str, tuple], int]:
+    """({field: (shape, dtype, byte offset)}, bytes in all) of a batch of B images padded to N regions in
+    one allocation."""
     specs = {
         "sam_tokens": ((b, n, t, SAM_DIM), _TORCH_DTYPES["sam_tokens"]),
         "sam_iou": ((b, n, t), _TORCH_DTYPES["sam_iou"]),
@@ -96,22 +103,138 @@ def _allocate(b: int, n: int, t: int, clip_shape: tuple[int, int], pin: bool = F
         "labels": ((b, n), torch.int64),
         "region_mask": ((b, n), torch.bool),
     }
-    offsets, total = {}, 0
+    fields, total = {}, 0
     for name, (shape, dtype) in specs.items():
-        offsets[name] = total
+        fields[name] = (shape, dtype, total)
         total += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
-    if torch.utils.data.get_worker_info() is not None:
-        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
-    elif pin:
-        flat = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-    else:  # numpy asks the kernel for huge pages for large arrays: far fewer page faults as reads fill it
-        flat = torch.from_numpy(np.empty(total, np.uint8))
+    return fields, total
+
+
+def _carve(flat: torch.Tensor, fields: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """The batch's tensors as views of `flat` (uint8), laid out by `_layout`."""
     return {
-        name: flat[offsets[name] : offsets[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        name: flat[at : at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
         if math.prod(shape)
         else torch.empty(shape, dtype=dtype)  # torch views no empty byte range as another dtype
-        for name, (shape, dtype) in specs.items()
+        for name, (shape, dtype, at) in fields.items()
     }
+
+
+def _flat(nbytes: int, pin: bool = False, memory: WorkerMemory | None = None) -> torch.Tensor:
+    """`nbytes` of uninitialised memory for a batch, as a flat uint8 tensor: with `memory`, a DataLoader
+    worker's reused shared buffer (see `WorkerMemory`); shared memory in another worker (it reaches the
+    main process without a copy, as torch's own collate does it); pinned memory with `pin` (asynchronous
+    copies to the GPU; torch's caching host allocator reuses the blocks once their copies are done); else
+    ordinary memory."""
+    if memory is not None:
+        return memory.take(max(nbytes, 1))
+    if torch.utils.data.get_worker_info() is not None:
+        return _shared(max(nbytes, 1))
+    if pin:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    # numpy asks the kernel for huge pages for large arrays (far fewer page faults as reads fill it), and
+    # the C heap hands the same memory back batch after batch, its pages already there
+    return torch.from_numpy(np.empty(nbytes, np.uint8))
+
+
+def _allocate(
+    b: int, n: int, t: int, clip_shape: tuple[int, int], pin: bool = False, memory: WorkerMemory | None = None
+) -> dict[str, torch.Tensor]:
+    """The uninitialised tensors of a batch of B images padded to N regions, carved from one allocation
+    (`_flat`'s)."""
+    fields, total = _layout(b, n, t, clip_shape)
+    return _carve(_flat(total, pin, memory), fields)
+
+
+# main process: (memory token, worker, buffer index) -> that worker buffer, mapped here once and kept
+_RECEIVED: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+@dataclass
+class SharedBatch:
+    """A batch as a worker hands it over from its reused memory (`WorkerMemory`): which buffer, and the
+    batch's shape in it. The buffer itself crosses the process boundary only the first time (one file
+    descriptor; its pages are never copied): the main process keeps it mapped for the batches after.
+    The DataLoader's pin thread calls `pin_memory`; `WorkerMemory.receive` copies the batch out."""
+
+    memory: int  # the WorkerMemory's token
+    worker: int
+    index: int  # the buffer's index among the worker's
+    flat: torch.Tensor | None  # the buffer, when the main process has not received it yet
+    shape: tuple[int, int, int, tuple[int, int]]  # (B, N, T, [L, C])
+    keys: list[str]
+    image_ids: list
+    sizes: list[tuple[int, int]]
+    pinned: Batch | None = None  # the pinned copy, once pin_memory made it
+
+    def copy(self, pin: bool = False) -> Batch:
+        """(Main process) The batch in memory of its own, pinned with `pin`: one copy of its bytes."""
+        where = (self.memory, self.worker, self.index)
+        if self.flat is not None:
+            _RECEIVED[where] = self.flat
+        fields, total = _layout(*self.shape)
+        flat = _flat(total, pin)
+        np.copyto(flat.numpy(), _RECEIVED[where][:total].numpy())  # one thread: torch's copy_ would wake its pool
+        return Batch(keys=self.keys, image_ids=self.image_ids, sizes=self.sizes, **_carve(flat, fields))
+
+    def pin_memory(self) -> SharedBatch:
+        return replace(self, flat=None, pinned=self.copy(pin=True))
+
+
+class WorkerMemory:
+    """Batch memory that DataLoader workers reuse: `depth` shared buffers per worker.
+
+    A fresh shared-memory batch costs more than reading the batch into it: creating the segment and
+    faulting its pages in took ~4.5 ms of a core for 16 `bl` images, against ~2.5 ms for reading and
+    checking them, and passing its tensors to the main process ~2 ms more. So each worker writes its
+    batches into its own buffers in turn (`take`) and hands them over as `SharedBatch`es; it takes a
+    buffer only after the main process gave it back (`receive`), once the batch is copied out (pinned
+    for the GPU, or cloned). A buffer grows when a batch needs more room.
+
+    Made in the main process before the workers start (they inherit it, semaphores included); each
+    worker's copy holds that worker's buffers. `close()` in the main process forgets its buffers.
+    """
+
+    def __init__(self, workers: int, depth: int, context):
+        self.depth, self.token = depth, id(self)
+        self._free = [context.Semaphore(depth) for _ in range(workers)]
+        self.worker: int | None = None  # set in each worker process
+        self._buffers: list[torch.Tensor] = []
+        self._sent: list[bool] = []  # whether the main process has received that buffer
+        self._turn = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """This worker's next buffer, at least `nbytes` long; waits until the main process gave it back."""
+        self._free[self.worker].acquire()
+        i = self._turn
+        if i == len(self._buffers):
+            self._buffers.append(_shared(nbytes))
+            self._sent.append(False)
+        elif self._buffers[i].numel() < nbytes:
+            self._buffers[i] = _shared(nbytes + nbytes // 4)  # room for the next larger batch
+            self._sent[i] = False
+        return self._buffers[i][:nbytes]
+
+    def hand_over(self, batch: Batch) -> SharedBatch:
+        """The batch just assembled in the buffer `take` gave, as the main process receives it."""
+        i, self._turn = self._turn, (self._turn + 1) % self.depth
+        b, n, t = batch.sam_iou.shape
+        shape = (b, n, t, tuple(batch.clip_map.shape[1:]))
+        flat = None if self._sent[i] else self._buffers[i]
+        self._sent[i] = True
+        return SharedBatch(self.token, self.worker, i, flat, shape, batch.keys, batch.image_ids, batch.sizes)
+
+    def receive(self, shared: SharedBatch) -> Batch:
+        """(Main process) `shared` copied out of its worker's buffer, the buffer then given back to the
+        worker: the pinned copy the DataLoader's pin thread made, else a clone."""
+        batch = shared.pinned if shared.pinned is not None else shared.copy()
+        self._free[shared.worker].release()
+        return batch
+
+    def close(self) -> None:
+        """(Main process) Forget the workers' buffers."""
+        for where in [w for w in list(_RECEIVED) if w[0] == self.token]:
+            _RECEIVED.pop(where, None)
 
 
 def _pad(arrays: dict[str, np.ndarray], counts: Sequence[int]) -> None:
@@ -191,7 +314,9 @@ class SampleRef:
         return len(self.rows) if self.rows is not None else self.reader.regions(self.index)
 
 
-def assemble(refs: Sequence[SampleRef], verify: bool = True, pin: bool = False) -> tuple[Batch, list[Sample]]:
+def assemble(
+    refs: Sequence[SampleRef], verify: bool = True, pin: bool = False, memory: WorkerMemory | None = None
+) -> tuple[Batch, list[Sample]]:
     """Read samples straight into one padded `Batch` (as `collate` pads): each sample's array data goes
     from its shard to its rows of the batch in one read, checked against the shard's index.
 
@@ -199,6 +324,7 @@ def assemble(refs: Sequence[SampleRef], verify: bool = True, pin: bool = False) 
         refs: B samples with one token count T and one CLIP map shape [L, C].
         verify: check each sample's checksum (shapes, dtypes, keys and labels are always checked).
         pin: allocate the batch in pinned memory (needs CUDA); in a DataLoader worker it is shared memory.
+        memory: a worker's reused batch memory (the main process releases it after copying the batch out).
     Returns:
         (batch, samples): the samples' arrays are views of the batch's rows (labels: int32 copies).
     Raises:
@@ -209,7 +335,7 @@ def assemble(refs: Sequence[SampleRef], verify: bool = True, pin: bool = False) 
         [(r.reader.tokens, r.reader.clip_shape or (0, 0)) for r in refs], lambda i: refs[i].key
     )
     counts = [r.num_regions for r in refs]
-    tensors = _allocate(len(refs), max(counts, default=0), t, clip_shape, pin)
+    tensors = _allocate(len(refs), max(counts, default=0), t, clip_shape, pin, memory)
     arrays = {name: x.numpy() for name, x in tensors.items()}
     samples = []
     for i, (ref, k) in enumerate(zip(refs, counts, strict=True)):
@@ -258,18 +384,22 @@ class _Ordered(torch.utils.data.IterableDataset):
     Each batch is read through the shard's index; only the batch's tensors and each sample's file name
     and masks leave the worker (the samples are rebuilt as views of the batch)."""
 
-    def __init__(self, shards: ShardSet, batch_size: int):
-        self.shards, self.batch_size = shards, batch_size
+    def __init__(self, shards: ShardSet, batch_size: int, memory: WorkerMemory | None = None):
+        self.shards, self.batch_size, self.memory = shards, batch_size, memory
         self.plan = batch_plan(shards, batch_size)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if self.memory is not None:
+            self.memory.worker = w
         try:
             for j, (i, a, b) in enumerate(self.plan):
                 if j % workers == w:
                     reader = self.shards.reader(i)
-                    batch, samples = assemble([SampleRef(reader, k) for k in range(a, b)])
+                    batch, samples = assemble([SampleRef(reader, k) for k in range(a, b)], memory=self.memory)
+                    if self.memory is not None:
+                        batch = self.memory.hand_over(batch)
                     yield batch, [(s.file_name, s.masks) for s in samples]
         except RegionSpotError as e:
             yield _Fault(str(e))
@@ -307,12 +437,23 @@ def iter_batches(
     Raises:
         ShardFault (one line naming the shard and the sample) when a sample is not as its index says.
     """
-    dataset = _Ordered(shards, batch_size)
+    memory, context = None, torch.multiprocessing.get_context()
+    if num_workers > 0:  # 4 batches queued per worker, one being copied out, one being filled
+        memory = WorkerMemory(num_workers, 4 + 2, context)
+    dataset = _Ordered(shards, batch_size, memory)
     items = dataset
     if num_workers > 0:
-        items = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4)
-    for item in items:
-        if isinstance(item, _Fault):
-            raise RegionSpotError(item.message)
-        batch, extras = item
-        yield batch, _views(batch, extras)
+        items = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4, multiprocessing_context=context
+        )
+    try:
+        for item in items:
+            if isinstance(item, _Fault):
+                raise RegionSpotError(item.message)
+            batch, extras = item
+            if memory is not None:
+                batch = memory.receive(batch)
+            yield batch, _views(batch, extras)
+    finally:
+        if memory is not None:
+            memory.close()

@@ -2,7 +2,8 @@
 
 What flows: shard indexes -> `DatasetReader` (references to images with regions, shuffled in a buffer)
 -> `MixedReader` (one dataset per micro-batch) -> `assemble` (each image read once, checked, straight into
-its padded rows) -> DataLoader workers -> (dataset index, Batch) for the step.
+its padded rows; in a DataLoader worker, rows of a buffer it reuses) -> (dataset index, Batch) for the
+step (from a worker: copied out of its buffer, pinned for the GPU).
 
 Readers. Each (rank, DataLoader worker) is one reader g of R = world x workers, with its own seeded
 generators, so what a reader yields depends only on (seed, g, R), never on timing. Per dataset, a reader
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from regionspot.errors import RegionSpotError
-from regionspot.shards.loader import Batch, SampleRef, assemble
+from regionspot.shards.loader import Batch, SampleRef, WorkerMemory, assemble
 from regionspot.shards.shardset import ShardSet
 
 POSITION_VERSION = 1
@@ -209,7 +210,7 @@ class _Readers(torch.utils.data.IterableDataset):
 
     def __init__(
         self, sets, batch_size, rank, world, workers, seed, weights, buffer, shuffle_labels, states, first,
-        max_regions, verify=True, pin=False,
+        max_regions, verify=True, pin=False, memory=None,
     ):  # fmt: skip
         super().__init__()
         self.sets, self.batch_size, self.rank, self.world, self.workers = (
@@ -221,11 +222,13 @@ class _Readers(torch.utils.data.IterableDataset):
         )
         self.seed, self.weights, self.buffer, self.shuffle_labels = seed, weights, buffer, shuffle_labels
         self.states, self.first, self.max_regions = states, first, max_regions
-        self.verify, self.pin = verify, pin
+        self.verify, self.pin, self.memory = verify, pin, memory
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         logical = ((0 if info is None else info.id) + self.first) % self.workers
+        if self.memory is not None:
+            self.memory.worker = logical
         reader = MixedReader(
             self.sets,
             self.batch_size,
@@ -241,7 +244,9 @@ class _Readers(torch.utils.data.IterableDataset):
         try:
             while True:
                 d, samples = reader.next_batch()
-                batch, _ = assemble(samples, self.verify, self.pin)
+                batch, _ = assemble(samples, self.verify, self.pin, self.memory)
+                if self.memory is not None:
+                    batch = self.memory.hand_over(batch)
                 yield batch, {"reader": logical, "dataset": d, "state": reader.state()}
         except RegionSpotError as e:
             yield None, {"fault": str(e)}
@@ -298,6 +303,10 @@ class TrainStream:
             self.states, self.next_reader = copy.deepcopy(position["readers"]), position["next"]
         else:
             self.states, self.next_reader = [None] * self.readers, 0
+        context = torch.multiprocessing.get_context()
+        # workers reuse their batch memory: up to `prefetch` batches queued per worker, one being copied out
+        # in __next__ and one the worker fills meanwhile
+        self._memory = WorkerMemory(workers, prefetch + 2, context) if workers > 0 else None
         dataset = _Readers(
             list(sets),
             batch_size,
@@ -313,6 +322,7 @@ class TrainStream:
             max_regions,
             verify,
             pin_memory and workers == 0,  # workers write shared memory; the DataLoader pins it
+            self._memory,
         )
         # (reader states, next reader) after each of the last batches, the newest last
         self._past = deque([(list(self.states), self.next_reader)], maxlen=history + 1)
@@ -326,6 +336,7 @@ class TrainStream:
                 num_workers=workers,
                 pin_memory=pin_memory,
                 prefetch_factor=prefetch,
+                multiprocessing_context=context,
                 # its own generator: starting workers must not draw from the global RNG (dropout's)
                 generator=torch.Generator().manual_seed(seed),
             )
@@ -338,6 +349,8 @@ class TrainStream:
         batch, info = next(self._it)
         if "fault" in info:
             raise RegionSpotError(info["fault"])
+        if self._memory is not None:  # a SharedBatch in its worker's reused memory
+            batch = self._memory.receive(batch)
         if info["reader"] != self.next_reader:  # the DataLoader visits workers in turn; never otherwise
             raise RuntimeError(f"batch from reader {info['reader']}, expected reader {self.next_reader}")
         self.states[info["reader"]] = info["state"]
@@ -363,3 +376,5 @@ class TrainStream:
         """Stop the worker processes."""
         self._it = None
         self._loader = None
+        if self._memory is not None:
+            self._memory.close()
