@@ -15,7 +15,9 @@ memory in the DataLoader's pin thread, for the GPU) and gives the buffer back.
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -148,6 +150,12 @@ def _allocate(
 
 # main process: (memory token, worker, buffer index) -> that worker buffer, mapped here once and kept
 _RECEIVED: dict[tuple[int, int, int], torch.Tensor] = {}
+_TOKENS = itertools.count()
+
+
+def _forget(token: int) -> None:
+    for where in [w for w in list(_RECEIVED) if w[0] == token]:
+        _RECEIVED.pop(where, None)
 
 
 @dataclass
@@ -189,15 +197,17 @@ class WorkerMemory:
     checking them, and passing its tensors to the main process ~2 ms more. So each worker writes its
     batches into its own buffers in turn (`take`) and hands them over as `SharedBatch`es; it takes a
     buffer only after the main process gave it back (`receive`), once the batch is copied out (pinned
-    for the GPU, or cloned). A buffer grows when a batch needs more room.
+    for the GPU). A buffer grows when a batch needs more room.
 
     Made in the main process before the workers start (they inherit it, semaphores included); each
-    worker's copy holds that worker's buffers. `close()` in the main process forgets its buffers.
+    worker's copy holds that worker's buffers. `close()` (or its collection) in the main process forgets
+    the buffers it received.
     """
 
     def __init__(self, workers: int, depth: int, context):
-        self.depth, self.token = depth, id(self)
+        self.depth, self.token = depth, next(_TOKENS)
         self._free = [context.Semaphore(depth) for _ in range(workers)]
+        self.close = weakref.finalize(self, _forget, self.token)  # (main process) forget the workers' buffers
         self.worker: int | None = None  # set in each worker process
         self._buffers: list[torch.Tensor] = []
         self._sent: list[bool] = []  # whether the main process has received that buffer
@@ -226,15 +236,13 @@ class WorkerMemory:
 
     def receive(self, shared: SharedBatch) -> Batch:
         """(Main process) `shared` copied out of its worker's buffer, the buffer then given back to the
-        worker: the pinned copy the DataLoader's pin thread made, else a clone."""
+        worker: the pinned copy the DataLoader's pin thread made, else a copy in memory of its own."""
         batch = shared.pinned if shared.pinned is not None else shared.copy()
         self._free[shared.worker].release()
         return batch
 
-    def close(self) -> None:
-        """(Main process) Forget the workers' buffers."""
-        for where in [w for w in list(_RECEIVED) if w[0] == self.token]:
-            _RECEIVED.pop(where, None)
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"close": None}  # a worker started by spawning gets a copy; close is the main's
 
 
 def _pad(arrays: dict[str, np.ndarray], counts: Sequence[int]) -> None:
