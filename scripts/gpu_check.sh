@@ -67,6 +67,7 @@ rows.append(("jpeg decode alone ms/img", grep("data_path", r"jpeg decode alone m
 rows.append(("train bl: stream samples/s per core", grep("train", r"stream samples/s per core: ([\d.]+)")))
 rows.append(("train bl: raw read samples/s", grep("train", r"raw read samples/s: ([\d.]+)")))
 rows.append(("train bl: read + checksum alone samples/s per core", grep("train", r"read \+ checksum alone samples/s per core: ([\d.]+)")))
+rows.append(("train bl: CPU us per sample with one worker", grep("train", r"stream with one worker, CPU per sample: ([\d.]+)")))
 rows.append(("train bl: streaming / I/O-or-compute bound (goal >= 0.9)", grep("train", r"streaming / min\(a cold, b\) = ([\d.]+)")))
 e = log / "eval.json"
 rows.append(("eval (5% of LVIS val scale)", e.read_text().strip().replace("\n", " ")[:200] if e.exists() else "see eval.log"))
