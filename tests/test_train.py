@@ -245,6 +245,18 @@ def test_a_shared_batch_is_received_once_then_found_by_its_buffer(small_set, mon
     memory.close()
 
 
+def test_no_room_for_shared_memory_is_one_line_with_the_fix(small_set, monkeypatch):
+    def full(nbytes):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_3>: No space left on device")
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(full))
+    memory = WorkerMemory(1, 2, torch.multiprocessing.get_context())
+    memory.worker = 0
+    reader = ShardSet(small_set).reader(0)
+    with pytest.raises(RegionSpotError, match=r"shared memory .*No space left.*--shm-size=4g.*fewer --workers"):
+        assemble([SampleRef(reader, 0)], memory=memory)
+
+
 # --- the trainer ---------------------------------------------------------------------------------------
 def _accuracy(run, samples, text):
     head, _, _ = load_head(run)

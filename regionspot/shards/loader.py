@@ -89,8 +89,19 @@ def read_shard_samples(path: Path | str, start: int = 0, stop: int | None = None
 
 
 def _shared(nbytes: int) -> torch.Tensor:
-    """`nbytes` of shared memory, as a flat uint8 tensor (it crosses processes without a copy)."""
-    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+    """`nbytes` of shared memory, as a flat uint8 tensor (it crosses processes without a copy).
+
+    Raises:
+        RegionSpotError naming the fix when the system has no room (a container's /dev/shm is 64 MB by
+        default).
+    """
+    try:
+        return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+    except RuntimeError as e:
+        raise RegionSpotError(
+            f"cannot allocate {nbytes / 2**20:.1f} MiB of shared memory for a DataLoader worker's batch ({e}); "
+            "give /dev/shm more room (docker run --shm-size=4g, or --ipc=host) or use fewer --workers"
+        ) from e
 
 
 def _layout(b: int, n: int, t: int, clip_shape: tuple[int, int]) -> tuple[dict[str, tuple], int]:
