@@ -224,19 +224,25 @@ def test_a_shared_batch_is_received_once_then_found_by_its_buffer(small_set, mon
     flat = loader._flat  # pinning needs CUDA; the copy is what matters here
     monkeypatch.setattr(loader, "_flat", lambda nbytes, pin=False, memory=None: flat(nbytes, False, memory))
     ss = ShardSet(small_set)
-    memory = WorkerMemory(1, 1, torch.multiprocessing.get_context())
+    memory = WorkerMemory(1, prefetch=0)  # two buffers, used in turn
     memory.worker = 0
     refs = [SampleRef(ss.reader(0), k) for k in range(len(ss.reader(0)))]
+
+    def through_the_other_buffer():
+        memory.receive(memory.hand_over(assemble(refs[5:6], memory=memory)[0]))
+
     first, _ = assemble(refs[:3], memory=memory)
     shared = memory.hand_over(first)
     assert shared.flat is not None
     pinned = shared.pin_memory()
     assert pinned.flat is None  # the pinned copy no longer holds the buffer
     _same_batches(memory.receive(pinned), assemble(refs[:3])[0])
-    second, _ = assemble(refs[3:5], memory=memory)  # the same buffer again (depth 1)
+    through_the_other_buffer()
+    second, _ = assemble(refs[3:5], memory=memory)  # the first buffer again
     shared = memory.hand_over(second)
     assert shared.flat is None
     _same_batches(memory.receive(shared.pin_memory()), assemble(refs[3:5])[0])
+    through_the_other_buffer()
     more = [SampleRef(ss.reader(1), k) for k in range(len(ss.reader(1)))]
     third, _ = assemble(refs + more, memory=memory)  # more than the buffer holds: it grows, and crosses again
     shared = memory.hand_over(third)
@@ -250,7 +256,7 @@ def test_no_room_for_shared_memory_is_one_line_with_the_fix(small_set, monkeypat
         raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_3>: No space left on device")
 
     monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(full))
-    memory = WorkerMemory(1, 2, torch.multiprocessing.get_context())
+    memory = WorkerMemory(1, prefetch=0)
     memory.worker = 0
     reader = ShardSet(small_set).reader(0)
     with pytest.raises(RegionSpotError, match=r"shared memory .*No space left.*--shm-size=4g.*fewer --workers"):

@@ -135,14 +135,11 @@ def _carve(flat: torch.Tensor, fields: dict[str, tuple]) -> dict[str, torch.Tens
 
 def _flat(nbytes: int, pin: bool = False, memory: WorkerMemory | None = None) -> torch.Tensor:
     """`nbytes` of uninitialised memory for a batch, as a flat uint8 tensor: with `memory`, a DataLoader
-    worker's reused shared buffer (see `WorkerMemory`); shared memory in another worker (it reaches the
-    main process without a copy, as torch's own collate does it); pinned memory with `pin` (asynchronous
-    copies to the GPU; torch's caching host allocator reuses the blocks once their copies are done); else
-    ordinary memory."""
+    worker's reused shared buffer (see `WorkerMemory`); pinned memory with `pin` (asynchronous copies to
+    the GPU; torch's caching host allocator reuses the blocks once their copies are done); else ordinary
+    memory."""
     if memory is not None:
         return memory.take(max(nbytes, 1))
-    if torch.utils.data.get_worker_info() is not None:
-        return _shared(max(nbytes, 1))
     if pin:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     # numpy asks the kernel for huge pages for large arrays (far fewer page faults as reads fill it), and
@@ -210,14 +207,17 @@ class WorkerMemory:
     buffer only after the main process gave it back (`receive`), once the batch is copied out (pinned
     for the GPU). A buffer grows when a batch needs more room.
 
-    Made in the main process before the workers start (they inherit it, semaphores included); each
-    worker's copy holds that worker's buffers. `close()` (or its collection) in the main process forgets
-    the buffers it received.
+    Made in the main process before the workers start (they inherit it, semaphores included); the
+    DataLoader must start them in `context`. Each worker's copy holds that worker's buffers. `close()` (or
+    its collection) in the main process forgets the buffers it received.
     """
 
-    def __init__(self, workers: int, depth: int, context):
-        self.depth, self.token = depth, next(_TOKENS)
-        self._free = [context.Semaphore(depth) for _ in range(workers)]
+    def __init__(self, workers: int, prefetch: int):
+        # a worker's buffers in use at once: `prefetch` batches queued, one being copied out in the main
+        # process, one being filled
+        self.depth, self.token = prefetch + 2, next(_TOKENS)
+        self.context = torch.multiprocessing.get_context()
+        self._free = [self.context.Semaphore(self.depth) for _ in range(workers)]
         self.close = weakref.finalize(self, _forget, self.token)  # (main process) forget the workers' buffers
         self.worker: int | None = None  # set in each worker process
         self._buffers: list[torch.Tensor] = []
@@ -342,8 +342,8 @@ def assemble(
     Args:
         refs: B samples with one token count T and one CLIP map shape [L, C].
         verify: check each sample's checksum (shapes, dtypes, keys and labels are always checked).
-        pin: allocate the batch in pinned memory (needs CUDA); in a DataLoader worker it is shared memory.
-        memory: a worker's reused batch memory (the main process releases it after copying the batch out).
+        pin: allocate the batch in pinned memory (needs CUDA).
+        memory: a DataLoader worker's reused batch memory (the main process releases it after copying the batch out).
     Returns:
         (batch, samples): the samples' arrays are views of the batch's rows (labels: int32 copies).
     Raises:
@@ -456,14 +456,12 @@ def iter_batches(
     Raises:
         ShardFault (one line naming the shard and the sample) when a sample is not as its index says.
     """
-    memory, context = None, torch.multiprocessing.get_context()
-    if num_workers > 0:  # 4 batches queued per worker, one being copied out, one being filled
-        memory = WorkerMemory(num_workers, 4 + 2, context)
+    memory = WorkerMemory(num_workers, prefetch=4) if num_workers > 0 else None
     dataset = _Ordered(shards, batch_size, memory)
     items = dataset
-    if num_workers > 0:
+    if memory is not None:
         items = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4, multiprocessing_context=context
+            dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4, multiprocessing_context=memory.context
         )
     try:
         for item in items:

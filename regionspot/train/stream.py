@@ -303,10 +303,7 @@ class TrainStream:
             self.states, self.next_reader = copy.deepcopy(position["readers"]), position["next"]
         else:
             self.states, self.next_reader = [None] * self.readers, 0
-        context = torch.multiprocessing.get_context()
-        # workers reuse their batch memory: up to `prefetch` batches queued per worker, one being copied out
-        # in __next__ and one the worker fills meanwhile
-        self._memory = WorkerMemory(workers, prefetch + 2, context) if workers > 0 else None
+        self._memory = WorkerMemory(workers, prefetch) if workers > 0 else None
         dataset = _Readers(
             list(sets),
             batch_size,
@@ -336,7 +333,7 @@ class TrainStream:
                 num_workers=workers,
                 pin_memory=pin_memory,
                 prefetch_factor=prefetch,
-                multiprocessing_context=context,
+                multiprocessing_context=self._memory.context,
                 # its own generator: starting workers must not draw from the global RNG (dropout's)
                 generator=torch.Generator().manual_seed(seed),
             )
